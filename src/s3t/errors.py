@@ -1,0 +1,62 @@
+"""Errors raised by s3t. Every message names the offending input and how to fix it.
+
+    S3TError                 base class: catch this to handle any s3t failure
+    ├── PlanError            a plan field is invalid or inconsistent with the model
+    ├── DataError            bad records: duplicate ids, missing fields, empty set, unknown labels
+    ├── RunError             a run folder cannot be created, opened or used
+    │   ├── RunExistsError   `S3T.create` refuses to overwrite an existing run
+    │   ├── RunNotFoundError no run at the given folder
+    │   └── NotTrainedError  the run has no trained model yet: call `train()`
+    ├── NeedsRestoreError    deletions left no shard with a live order: call `restore()`
+    └── IntegrityError       a stored artifact or lineage failed verification
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "S3TError",
+    "PlanError",
+    "DataError",
+    "RunError",
+    "RunExistsError",
+    "RunNotFoundError",
+    "NotTrainedError",
+    "NeedsRestoreError",
+    "IntegrityError",
+]
+
+
+class S3TError(Exception):
+    """Base class of every error s3t raises on purpose."""
+
+
+class PlanError(S3TError, ValueError):
+    """A plan field is invalid or inconsistent with the base model."""
+
+
+class DataError(S3TError, ValueError):
+    """The records given are unusable; the message names the record or line."""
+
+
+class RunError(S3TError):
+    """A run folder cannot be created, opened or used."""
+
+
+class RunExistsError(RunError):
+    """`S3T.create` was pointed at a folder that already holds a run."""
+
+
+class RunNotFoundError(RunError):
+    """No run was found at the given folder."""
+
+
+class NotTrainedError(RunError):
+    """The run has not been trained yet."""
+
+
+class NeedsRestoreError(S3TError):
+    """Deletions left no shard with a live order; the model must be restored first."""
+
+
+class IntegrityError(S3TError):
+    """A stored artifact or lineage record failed verification."""
