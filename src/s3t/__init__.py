@@ -1,0 +1,37 @@
+"""s3t: exact machine unlearning for fine-tuned transformers (S3T: sequence-aware sharded sliced training).
+
+    import s3t
+    plan = s3t.Plan(num_shards=2, num_slices=3, budget=3)
+    system = s3t.S3T.create("runs/bbc", plan, s3t.datasets.bbc_news())
+    system.train()
+    receipt = system.delete(ids=["bbc-tech-001"])
+
+Importing s3t is cheap: torch and transformers load only when a model is trained or used.
+"""
+
+from __future__ import annotations
+
+from . import datasets
+from .errors import (DataError, IntegrityError, NeedsRestoreError, NotTrainedError, PlanError, RunError,
+                     RunExistsError, RunNotFoundError, S3TError)
+from .plan import Plan
+from .records import Dataset, Record
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "S3T", "Plan", "Dataset", "Record", "Receipt", "Status", "ShardStatus", "datasets",
+    "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "NotTrainedError",
+    "NeedsRestoreError", "IntegrityError",
+]
+
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Receipt": "unlearning"}
+
+
+def __getattr__(name: str):
+    # S3T pulls in torch; load it on first use so `import s3t` and `s3t --help` stay fast.
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 's3t' has no attribute {name!r}")

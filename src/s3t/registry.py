@@ -1,0 +1,287 @@
+"""The run's registry: records, orders, artifacts, lineage, served sets and the deletion ledger.
+
+SQLite in the run folder by default (PostgreSQL by URL), through SQLAlchemy Core. Every state change
+happens inside `transaction()`. On SQLite, `secure_delete` makes the engine overwrite erased content
+instead of leaving it in free pages, and the rollback journal is deleted at commit, so a deleted record's
+text does not survive in the database files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select
+from sqlalchemy.engine import Connection, Engine
+
+__all__ = ["Registry", "utcnow"]
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+records = Table(
+    "records", metadata,
+    Column("id", String(512), primary_key=True),
+    Column("subject", String(512), index=True),      # NULL once erased
+    Column("text", Text),                            # NULL once erased
+    Column("label", String(512)),                    # NULL once erased
+    Column("shard", Integer, nullable=False),
+    Column("slice", Integer, nullable=False),
+    Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
+    Column("subject_digest", String(64), index=True),  # keyed hash of the erased subject, for idempotency
+)
+orders = Table(
+    "orders", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("position", Integer, primary_key=True),   # the order's index within its shard
+    Column("slices", Text, nullable=False),          # JSON list: the slice order π
+    Column("depth", Integer, nullable=False),        # leading stages that are trained on current data
+)
+stages = Table(
+    "stages", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("stage", Integer, primary_key=True),      # 1-based: stage i trains layer group i
+    Column("artifact", String(64), nullable=False),
+)
+artifacts = Table(
+    "artifacts", metadata,
+    Column("lineage", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("examples", Integer, nullable=False),
+    Column("loss", Float),
+    Column("created_at", String(40), nullable=False),
+)
+lineage = Table(  # which record ids each artifact saw: the evidence behind every receipt
+    "lineage", metadata,
+    Column("artifact", String(64), primary_key=True),
+    Column("record_id", String(512), primary_key=True, index=True),
+)
+served_sets = Table(
+    "served_sets", metadata,
+    Column("version", Integer, primary_key=True),
+    Column("created_at", String(40), nullable=False),
+    Column("components", Text, nullable=False),      # JSON list of {shard, position, depth, artifacts}
+)
+ledger = Table(
+    "ledger", metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("created_at", String(40), nullable=False),
+    Column("receipt", Text, nullable=False),         # JSON receipt: ids, keyed subject hashes, depths
+)
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA secure_delete=ON")   # overwrite erased content, don't just unlink pages
+    cursor.execute("PRAGMA journal_mode=DELETE")
+    cursor.execute("PRAGMA synchronous=FULL")   # an acknowledged deletion survives power loss
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Registry:
+    """Typed access to one run's database; methods taking `conn` run inside a caller's transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- meta ---------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def set_meta(self, conn: Connection, key: str, value: str) -> None:
+        conn.execute(meta.delete().where(meta.c.key == key))
+        conn.execute(meta.insert().values(key=key, value=value))
+
+    # -- records ------------------------------------------------------------------------------------
+    def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
+        for start in range(0, len(rows), 5000):
+            conn.execute(records.insert(), list(rows[start:start + 5000]))
+
+    def live_members(self, shard: int) -> dict[int, list[str]]:
+        """Live record ids of each slice of a shard, sorted."""
+        out: dict[int, list[str]] = defaultdict(list)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(records.c.slice, records.c.id)
+                .where(records.c.shard == shard, records.c.deleted_in.is_(None))
+                .order_by(records.c.id)
+            )
+            for s, rid in rows:
+                out[s].append(rid)
+        return out
+
+    def texts_and_labels(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        out = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 900):
+                chunk = list(ids[start:start + 900])
+                for rid, text, label in conn.execute(
+                        select(records.c.id, records.c.text, records.c.label).where(records.c.id.in_(chunk))):
+                    out[rid] = (text, label)
+        return out
+
+    def find_records(self, conn: Connection, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+                     subject_digests: Sequence[str] = ()) -> list[dict]:
+        """Rows for the given ids, subjects and erased subjects' digests, by index lookups only."""
+        found: dict[str, dict] = {}
+        cols = (records.c.id, records.c.subject, records.c.subject_digest, records.c.shard, records.c.slice,
+                records.c.deleted_in)
+        for column, values in ((records.c.id, list(ids)), (records.c.subject, list(subjects)),
+                               (records.c.subject_digest, list(subject_digests))):
+            for start in range(0, len(values), 900):
+                for row in conn.execute(select(*cols).where(column.in_(values[start:start + 900]))):
+                    found[row.id] = row._asdict()
+        return list(found.values())
+
+    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str,
+                      digest: Callable[[str], str]) -> None:
+        """Drop the content of records (text, label, subject); keep the id and a keyed subject digest."""
+        for row in rows:
+            conn.execute(
+                records.update().where(records.c.id == row["id"])
+                .values(text=None, label=None, subject=None, deleted_in=request_id,
+                        subject_digest=digest(row["subject"]) if row["subject"] is not None else None)
+            )
+
+    def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int, bool]]:
+        out = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 900):
+                for rid, shard, sl, deleted in conn.execute(
+                        select(records.c.id, records.c.shard, records.c.slice, records.c.deleted_in)
+                        .where(records.c.id.in_(list(ids[start:start + 900])))):
+                    out[rid] = (shard, sl, deleted is not None)
+        return out
+
+    def count_records(self) -> tuple[int, int]:
+        """(live, deleted) record counts."""
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(records)).scalar() or 0
+            deleted = conn.execute(
+                select(func.count()).select_from(records).where(records.c.deleted_in.is_not(None))).scalar() or 0
+        return total - deleted, deleted
+
+    # -- orders and stages --------------------------------------------------------------------------
+    def insert_orders(self, conn: Connection, rows: Iterable[dict]) -> None:
+        conn.execute(orders.insert(), [dict(r, slices=json.dumps(list(r["slices"]))) for r in rows])
+
+    def orders(self, conn: Connection | None = None, *, shards: Iterable[int] | None = None) -> list[dict]:
+        """Orders as dicts {shard, position, slices (tuple), depth, artifacts (list by stage)}."""
+        def run(c: Connection) -> list[dict]:
+            q = select(orders).order_by(orders.c.shard, orders.c.position)
+            sq = select(stages).order_by(stages.c.shard, stages.c.position, stages.c.stage)
+            if shards is not None:
+                wanted = list(shards)
+                q = q.where(orders.c.shard.in_(wanted))
+                sq = sq.where(stages.c.shard.in_(wanted))
+            arts: dict[tuple[int, int], list[str]] = defaultdict(list)
+            for row in c.execute(sq):
+                arts[row.shard, row.position].append(row.artifact)
+            return [dict(shard=r.shard, position=r.position, slices=tuple(json.loads(r.slices)), depth=r.depth,
+                         artifacts=arts[r.shard, r.position]) for r in c.execute(q)]
+        if conn is not None:
+            return run(conn)
+        with self.engine.connect() as c:
+            return run(c)
+
+    def set_depth(self, conn: Connection, shard: int, position: int, depth: int) -> None:
+        conn.execute(orders.update().where(orders.c.shard == shard, orders.c.position == position).values(depth=depth))
+
+    def set_stages(self, conn: Connection, shard: int, position: int, artifacts_by_stage: Sequence[str]) -> None:
+        conn.execute(stages.delete().where(stages.c.shard == shard, stages.c.position == position))
+        conn.execute(stages.insert(), [dict(shard=shard, position=position, stage=i, artifact=a)
+                                       for i, a in enumerate(artifacts_by_stage, start=1)])
+
+    # -- artifacts and lineage ----------------------------------------------------------------------
+    def artifact(self, lineage_hash: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(artifacts).where(artifacts.c.lineage == lineage_hash)).first()
+        return row._asdict() if row else None
+
+    def add_artifact(self, conn: Connection, *, lineage_hash: str, sha256: str, stage: int, examples: int,
+                     loss: float | None, record_ids: Iterable[str]) -> None:
+        conn.execute(artifacts.delete().where(artifacts.c.lineage == lineage_hash))
+        conn.execute(lineage.delete().where(lineage.c.artifact == lineage_hash))
+        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage,
+                                               examples=examples, loss=loss, created_at=utcnow()))
+        rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
+        for start in range(0, len(rows), 5000):
+            conn.execute(lineage.insert(), rows[start:start + 5000])
+
+    def artifact_hashes(self, lineages: Iterable[str]) -> dict[str, str]:
+        wanted = list(set(lineages))
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(artifacts.c.lineage, artifacts.c.sha256)
+                                     .where(artifacts.c.lineage.in_(wanted))).all())
+
+    def tainted(self, conn: Connection, artifact_ids: Sequence[str], record_ids: Sequence[str]) -> set[str]:
+        """The artifacts among `artifact_ids` whose recorded lineage contains any of `record_ids`."""
+        hits: set[str] = set()
+        arts = list(set(artifact_ids))
+        for start in range(0, len(record_ids), 900):
+            chunk = list(record_ids[start:start + 900])
+            hits.update(conn.execute(select(lineage.c.artifact).distinct()
+                                     .where(lineage.c.record_id.in_(chunk), lineage.c.artifact.in_(arts))).scalars())
+        return hits
+
+    def lineage_has_deleted(self, conn: Connection, artifact_ids: Sequence[str]) -> bool:
+        """Whether any of these artifacts saw a record that is deleted now (a join: for offline paths)."""
+        q = (select(lineage.c.artifact).join(records, records.c.id == lineage.c.record_id)
+             .where(lineage.c.artifact.in_(list(set(artifact_ids))), records.c.deleted_in.is_not(None)).limit(1))
+        return conn.execute(q).first() is not None
+
+    # -- served sets --------------------------------------------------------------------------------
+    def served(self, conn: Connection | None = None) -> tuple[int, list[dict]]:
+        """(version, components) of the current served set; (0, []) before training."""
+        q = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
+        if conn is not None:
+            row = conn.execute(q).first()
+        else:
+            with self.engine.connect() as c:
+                row = c.execute(q).first()
+        return (row.version, json.loads(row.components)) if row else (0, [])
+
+    def add_served(self, conn: Connection, components: list[dict]) -> int:
+        version, _ = self.served(conn)
+        conn.execute(served_sets.insert().values(version=version + 1, created_at=utcnow(),
+                                                 components=json.dumps(components, sort_keys=True)))
+        return version + 1
+
+    # -- ledger -------------------------------------------------------------------------------------
+    def add_receipt(self, conn: Connection, request_id: str, created_at: str, receipt: dict) -> None:
+        conn.execute(ledger.insert().values(request_id=request_id, created_at=created_at,
+                                            receipt=json.dumps(receipt, sort_keys=True)))
+
+    def receipt(self, request_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id)).scalar()
+        return json.loads(text) if text else None
+
+    def receipts(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [json.loads(t) for t in conn.execute(select(ledger.c.receipt).order_by(ledger.c.created_at)).scalars()]

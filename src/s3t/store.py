@@ -1,0 +1,80 @@
+"""Artifact store: safetensors files named by lineage hash, written atomically, verified on load."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import IntegrityError
+
+__all__ = ["ArtifactStore", "file_sha256"]
+
+SUFFIX = ".safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    """A folder of `<lineage>.safetensors` files, two-level fanned out like git objects."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, lineage: str) -> Path:
+        return self.root / lineage[:2] / f"{lineage}{SUFFIX}"
+
+    def save(self, lineage: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+        """Write atomically (temp file, fsync, rename) and return the file's SHA-256.
+
+        A crash mid-write leaves at most a temp file, never a truncated artifact under its real name.
+        """
+        from safetensors.torch import save_file
+
+        target = self.path(lineage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=SUFFIX)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"lineage": lineage, **metadata})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            digest = file_sha256(Path(tmp))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return digest
+
+    def verify(self, lineage: str, sha256: str) -> bool:
+        path = self.path(lineage)
+        return path.is_file() and file_sha256(path) == sha256
+
+    def load(self, lineage: str, sha256: str) -> dict[str, torch.Tensor]:
+        """Load an artifact after checking its bytes against the registry's hash."""
+        from safetensors.torch import load
+
+        path = self.path(lineage)
+        if not path.is_file():
+            raise IntegrityError(f"artifact {lineage} is missing from {self.root}: run `s3t restore` to retrain it")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(
+                f"artifact {lineage} at {path} does not match its recorded hash: it was altered or partially "
+                "written; delete the file and run `s3t restore` to retrain it"
+            )
+        return load(data)

@@ -1,0 +1,276 @@
+"""`S3T`: one run folder holding a sharded, sliced model that can forget records exactly.
+
+    system = S3T.create("runs/bbc", Plan(num_shards=2, num_slices=3), data)
+    system.train()
+    system.predict(["some text"])
+    receipt = system.delete(ids=["bbc-tech-001"])
+    system.restore()
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, NeedsRestoreError, NotTrainedError, PlanError, RunExistsError, RunNotFoundError
+from .orders import select_orders
+from .partition import partition, slice_sizes
+from .plan import Plan
+from .records import Dataset, check_labels
+from .registry import Registry
+from .truncation import deletions_to_drop
+from .unlearning import Receipt, delete, rebuild
+
+__all__ = ["S3T", "ShardStatus", "Status"]
+
+RUN_FILE = "run.json"
+DB_FILE = "registry.sqlite"
+ARTIFACTS_DIR = "artifacts"
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    shard: int
+    live_orders: int
+    orders: int
+    served_order: int | None        # position of the served order within the shard; None if the shard is down
+    served_depth: int               # layer groups in use (0 = the shard is out of the ensemble)
+    deletions_to_drop: int          # fewest further deletions that take the shard out of the ensemble
+
+
+@dataclass(frozen=True)
+class Status:
+    trained: bool
+    live_records: int
+    deleted_records: int
+    served_version: int
+    truncated_orders: int           # orders below full depth: what `restore()` would retrain
+    shards: tuple[ShardStatus, ...]
+
+    @property
+    def serving(self) -> bool:
+        """Whether any shard is live, i.e. predictions can be made."""
+        return any(s.served_depth > 0 for s in self.shards)
+
+
+class S3T:
+    """A trained (or trainable) S3T model stored in a run folder. Use `create` or `open`."""
+
+    def __init__(self, run_dir: Path, plan: Plan, registry: Registry) -> None:
+        self.run_dir = run_dir
+        self.plan = plan
+        self.registry = registry
+        self.labels: tuple[str, ...] = tuple(json.loads(registry.get_meta("labels") or "[]"))
+        self._trainer = None
+
+    def __repr__(self) -> str:
+        return f"S3T({str(self.run_dir)!r}, {self.plan!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, run_dir: str | Path, plan: Plan, data: Dataset, *, database_url: str | None = None) -> "S3T":
+        """Partition `data` by `plan` into a new run folder (nothing is trained yet; call `train()`)."""
+        from .backbone import count_blocks, model_digest, resolve_model_path
+
+        run_dir = Path(run_dir)
+        if (run_dir / RUN_FILE).exists():
+            raise RunExistsError(f"{run_dir} already holds a run; open it with S3T.open({str(run_dir)!r}) "
+                                 "or choose a new folder")
+        if not isinstance(data, Dataset):
+            raise DataError(f"`data` must be an s3t.Dataset; got {type(data).__name__}. "
+                            "Build one with Dataset.from_records / from_jsonl / from_csv")
+        model_path = resolve_model_path(plan.base_model)
+        blocks = count_blocks(model_path)
+        plan.blocks_for(blocks)
+        plan.check_dataset_size(len(data))
+        assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices)
+        sizes = slice_sizes(assignment, num_shards=plan.num_shards, num_slices=plan.num_slices)
+        if (sizes == 0).any():
+            shard, slice_ = (int(v) for v in np.argwhere(sizes == 0)[0])
+            raise PlanError(f"shard {shard} slice {slice_} would get no records ({len(data)} records over "
+                            f"{plan.num_shards}x{plan.num_slices} slices); use fewer `num_shards` or `num_slices`")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        url = database_url or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
+        registry = Registry(url)
+        try:
+            registry.create_schema()
+            with registry.transaction() as conn:
+                registry.set_meta(conn, "plan", plan.to_json())
+                registry.set_meta(conn, "labels", json.dumps(list(data.labels)))
+                registry.set_meta(conn, "base_model_digest", model_digest(model_path))
+                registry.set_meta(conn, "ledger_key", secrets.token_hex(32))
+                registry.insert_records(conn, [
+                    dict(id=r.id, subject=r.subject, text=r.text, label=r.label,
+                         shard=assignment[r.id][0], slice=assignment[r.id][1]) for r in data])
+                registry.insert_orders(conn, [
+                    dict(shard=shard, position=k, slices=order, depth=0)
+                    for shard in range(plan.num_shards) for k, order in enumerate(select_orders(plan, shard))])
+        except BaseException:
+            registry.close()
+            shutil.rmtree(run_dir / ARTIFACTS_DIR, ignore_errors=True)
+            (run_dir / DB_FILE).unlink(missing_ok=True)
+            raise
+        (run_dir / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, "database_url": database_url}, indent=2))
+        return cls(run_dir, plan, registry)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "S3T":
+        """Reopen a run folder written by `create`."""
+        run_dir = Path(run_dir)
+        if not (run_dir / RUN_FILE).is_file():
+            raise RunNotFoundError(f"no s3t run at {run_dir} (missing {RUN_FILE}); create one with `s3t train`")
+        info = json.loads((run_dir / RUN_FILE).read_text())
+        registry = Registry(info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}")
+        return cls(run_dir, Plan.from_json(registry.get_meta("plan")), registry)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    # -- training -----------------------------------------------------------------------------------
+    @property
+    def trainer(self):
+        """The stage trainer with the backbone loaded (lazily: opening a run stays cheap)."""
+        if self._trainer is None:
+            from .backbone import Backbone, count_blocks, model_digest, resolve_model_path
+            from .errors import IntegrityError
+            from .store import ArtifactStore
+            from .training import Trainer
+
+            path = resolve_model_path(self.plan.base_model)
+            digest = self.registry.get_meta("base_model_digest")
+            if model_digest(path) != digest:
+                raise IntegrityError(f"the base model at {path} changed since this run was created; "
+                                     "its artifacts were trained on the old one: create a new run")
+            p, blocks = self.plan, count_blocks(path)
+            backbone = Backbone(path, num_groups=p.num_slices, blocks_per_group=p.blocks_for(blocks),
+                                num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
+                                lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
+            self._trainer = Trainer(backbone=backbone, registry=self.registry,
+                                    store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
+                                    training=p.training_fields(blocks), base_digest=digest, labels=self.labels,
+                                    epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size)
+        return self._trainer
+
+    def train(self, *, progress: bool = True) -> "S3T":
+        """Train every order of every shard to full depth (resumes an interrupted run)."""
+        self._rebuild(progress, "training")
+        return self
+
+    def restore(self, *, progress: bool = True) -> int:
+        """Retrain truncated orders on the current data; the served set switches after each order."""
+        return self._rebuild(progress, "restoring")
+
+    def _rebuild(self, progress: bool, what: str) -> int:
+        trainer = self.trainer
+        todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
+        total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
+        with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
+            return rebuild(self.registry, trainer, on_stage=advance)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (len(texts), len(labels)) from the served shards, aggregated by the plan."""
+        from .inference import aggregate, shard_logits
+
+        texts = _check_texts(texts)
+        version, components = self.registry.served()
+        if version == 0:
+            raise NotTrainedError(f"the run at {self.run_dir} is not trained yet: call train() or `s3t train`")
+        if not components:
+            raise NeedsRestoreError("deletions took every shard out of the ensemble: the model needs restoring "
+                                    "(call restore() or `s3t restore`)")
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        trainer = self.trainer
+        logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+        return aggregate(logits, self.plan.aggregation)
+
+    def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
+        """Predicted label names."""
+        return [self.labels[k] for k in self.predict_proba(texts, batch_size=batch_size).argmax(axis=1)]
+
+    def score(self, data: Dataset) -> float:
+        """Accuracy on labelled data."""
+        check_labels(data.labels, self.labels)
+        predicted = self.predict(list(data.texts))
+        return float(np.mean([p == r.label for p, r in zip(predicted, data)]))
+
+    # -- unlearning ---------------------------------------------------------------------------------
+    def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Where each record sits: {id: (shard, slice)}; unknown ids are left out."""
+        return {i: (shard, sl) for i, (shard, sl, _deleted) in self.registry.locate(list(ids)).items()}
+
+    def delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None) -> Receipt:
+        """Forget records and/or all records of data subjects, at once and exactly (no training)."""
+        for name, values in (("ids", ids), ("subjects", subjects)):
+            if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+                raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
+        if not ids and not subjects:
+            raise DataError("a deletion needs at least one id or subject")
+        key = bytes.fromhex(self.registry.get_meta("ledger_key"))
+        return delete(self.registry, key, ids=ids, subjects=subjects, reference=reference)
+
+    def receipts(self) -> list[Receipt]:
+        """Every deletion receipt in the ledger, oldest first."""
+        return [Receipt.from_dict(r) for r in self.registry.receipts()]
+
+    def served(self) -> tuple[int, list[dict]]:
+        """(version, components): for each live shard the order, depth and artifact lineages served."""
+        return self.registry.served()
+
+    def status(self) -> Status:
+        """Per shard: live orders, served depth, and how many deletions would take it out."""
+        orders = self.registry.orders()
+        version, components = self.registry.served()
+        served = {c["shard"]: c for c in components}
+        live, deleted = self.registry.count_records()
+        shards = []
+        for s in range(self.plan.num_shards):
+            mine = [o for o in orders if o["shard"] == s]
+            depths = [o["depth"] for o in mine]
+            shards.append(ShardStatus(
+                shard=s, live_orders=sum(d > 0 for d in depths), orders=len(mine),
+                served_order=served[s]["position"] if s in served else None,
+                served_depth=served[s]["depth"] if s in served else 0,
+                deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths)))
+        return Status(trained=version > 0, live_records=live, deleted_records=deleted, served_version=version,
+                      truncated_orders=sum(o["depth"] < len(o["slices"]) for o in orders), shards=tuple(shards))
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise DataError("`texts` must be a list of strings, not a single string; wrap it: [text]")
+    texts = list(texts)
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"text {k} must be a string; got {type(t).__name__}: {t!r:.60}")
+    return texts
+
+
+class _progress:
+    """A rich progress bar for `total` stages, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled and total > 0, description, total
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("stages"), TimeElapsedColumn())
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

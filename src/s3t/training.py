@@ -1,0 +1,153 @@
+"""Top-down slice-wise training: one stage per layer group, on cumulative slices, prefix-shared.
+
+Stage i of an order π trains only layer group i's LoRA adapters and the head, on slices π1..πi; groups
+1..i-1 are loaded at the values their own stages reached and stay frozen; deeper groups are absent.
+A stage is named by its lineage hash, so a prefix shared by several orders (or unchanged by a deletion)
+is trained once and reused, and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
+from .registry import Registry
+from .store import ArtifactStore
+
+__all__ = ["Trainer", "StageResult"]
+
+
+@dataclass
+class StageResult:
+    """What one stage produced: the tensors to store and the mean loss of each epoch."""
+
+    tensors: dict[str, torch.Tensor]
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """Trains and registers stage artifacts for the orders of a run."""
+
+    backbone: Backbone
+    registry: Registry
+    store: ArtifactStore
+    training: dict              # plan.training_fields(): what a stage's computation depends on
+    base_digest: str
+    labels: Sequence[str]
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    # -- lineage ------------------------------------------------------------------------------------
+    def lineages(self, order: Sequence[int], members: dict[int, list[str]]) -> list[str]:
+        """Lineage hash of every stage of `order` on the shard's current members."""
+        digests = [slice_digest(members.get(s, [])) for s in order]
+        return [lineage_hash(training=self.training, base_model=self.base_digest, labels=self.labels,
+                             prefix=digests[:i]) for i in range(1, len(order) + 1)]
+
+    def load(self, lineage: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+        """An artifact's tensors, verified against the registry's hash the first time it is read."""
+        if lineage not in self._tensors:
+            if sha256 is None:
+                row = self.registry.artifact(lineage)
+                if row is None:
+                    raise KeyError(lineage)
+                sha256 = row["sha256"]
+            self._tensors[lineage] = self.store.load(lineage, sha256)
+        return self._tensors[lineage]
+
+    def _usable(self, lineage: str) -> bool:
+        row = self.registry.artifact(lineage)
+        return row is not None and self.store.verify(lineage, row["sha256"])
+
+    # -- one stage ----------------------------------------------------------------------------------
+    def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
+                    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, int]) -> StageResult:
+        """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1."""
+        bb = self.backbone
+        seed = stage_seed(lineage)
+        # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for parent in parents:          # group i + head of stage i; the last one leaves head = stage-1's
+                bb.load_state(self.load(parent))
+            bb.reset_group(stage)
+            if stage == 1:
+                bb.reset_head()
+            bb.set_depth(stage, train_group=stage)
+            frozen = {g: bb.group_state(g) for g in range(1, stage)}
+            start = bb.group_start(stage)
+            optimizer = torch.optim.AdamW(bb.trainable_parameters(stage), lr=self.learning_rate)
+            losses = []
+            for epoch in range(self.epochs):
+                order = epoch_order(ids, seed=seed, epoch=epoch)
+                total, count = 0.0, 0
+                for b in range(0, len(order), self.batch_size):
+                    batch = order[b:b + self.batch_size]
+                    input_ids = torch.stack([inputs[i][0] for i in batch])
+                    mask = torch.stack([inputs[i][1] for i in batch])
+                    y = torch.tensor([targets[i] for i in batch])
+                    hidden = bb.trunk(input_ids, mask, start)   # frozen below group `stage`: no graph
+                    loss = F.cross_entropy(bb.top(hidden, mask, start), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(batch)
+                    count += len(batch)
+                if count:
+                    losses.append(total / count)
+            # Isolation: a stage may change only its own group and the head.
+            for g, before in frozen.items():
+                after = bb.group_state(g)
+                assert all(torch.equal(before[k], after[k]) for k in before), f"stage {stage} changed group {g}"
+            bb.set_depth(0)
+            return StageResult({**bb.group_state(stage), **bb.head_state()}, losses)
+
+    # -- orders -------------------------------------------------------------------------------------
+    def complete(self, shard: int, orders: Sequence[dict], *, on_stage: Callable[[], None] = lambda: None,
+                 on_order: Callable[[dict, list[str]], None]) -> None:
+        """Bring `orders` of one shard to full depth on the shard's current live data.
+
+        Stages that already exist (same lineage, verified file) are reused; `on_order(order, lineages)`
+        is called after each order is complete so the caller can switch the served set.
+        """
+        members = self.registry.live_members(shard)
+        rows = self.registry.texts_and_labels([i for ids in members.values() for i in ids])
+        label_index = {label: k for k, label in enumerate(self.labels)}
+        ids_all = sorted(rows)
+        input_ids, mask = self.backbone.tokenize([rows[i][0] for i in ids_all]) if ids_all else (None, None)
+        inputs = {i: (input_ids[k], mask[k]) for k, i in enumerate(ids_all)}
+        targets = {i: label_index[rows[i][1]] for i in ids_all}
+        for order in orders:
+            lineages = self.lineages(order["slices"], members)
+            for stage in range(1, len(lineages) + 1):
+                if self._usable(lineages[stage - 1]):
+                    continue
+                ids = sorted(i for s in order["slices"][:stage] for i in members.get(s, []))
+                result = self.train_stage(stage=stage, lineage=lineages[stage - 1], parents=lineages[:stage - 1],
+                                          ids=ids, inputs=inputs, targets=targets)
+                self.register(stage, lineages[stage - 1], result, ids)
+                on_stage()
+            on_order(order, lineages)
+
+    def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str]) -> None:
+        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row)."""
+        sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
+        with self.registry.transaction() as conn:
+            self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
+                                       loss=result.epoch_losses[-1] if result.epoch_losses else None,
+                                       record_ids=ids)
+        self._tensors[lineage] = result.tensors
+
+    def pending(self, shard: int, orders: Sequence[dict]) -> int:
+        """Number of distinct stages `complete` would train for these orders (for progress bars)."""
+        members = self.registry.live_members(shard)
+        todo = {h for o in orders for h in self.lineages(o["slices"], members)}
+        return sum(not self._usable(h) for h in todo)

@@ -1,0 +1,166 @@
+"""Deletion by deactivation, and restoration in the background.
+
+`delete` never trains and never scans the data: it looks records up by key, erases their content,
+truncates the orders of the shards they sat in, switches the served set and proves, from the stored
+lineage, that no served artifact saw a deleted id. `rebuild` brings truncated orders back to full depth
+on the current data (it is also how a run is first trained), switching the served set order by order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .errors import IntegrityError
+from .registry import Registry, utcnow
+from .truncation import choose_served, truncate
+
+if TYPE_CHECKING:
+    from .training import Trainer
+
+__all__ = ["Receipt", "delete", "rebuild", "served_component", "subject_digest"]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof of one deletion request, as stored in the ledger.
+
+    `subjects` holds keyed digests (HMAC-SHA256 with the run's ledger key), never the names sent.
+    `lineage_check` states the result of querying the stored lineage of every served artifact for the
+    deleted ids; a receipt is only issued when that check passed.
+    """
+
+    request_id: str
+    created_at: str
+    reference: str | None
+    deleted: tuple[str, ...]
+    already_deleted: tuple[str, ...]
+    unknown: tuple[str, ...]
+    subjects: tuple[str, ...]
+    unknown_subjects: tuple[str, ...]
+    shards: tuple[dict, ...]          # {shard, depth_before, depth_after} for every shard the request hit
+    served_version: int
+    served_artifacts: tuple[str, ...]
+    lineage_check: str
+    duration_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Receipt":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def subject_digest(key: bytes, subject: str) -> str:
+    return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()
+
+
+def served_component(shard_orders: Sequence[dict]) -> dict | None:
+    """The served model of one shard: its deepest live order's first `depth` stages, or None if dead."""
+    best = choose_served([o["depth"] for o in shard_orders])
+    if best is None:
+        return None
+    o = shard_orders[best]
+    return {"shard": o["shard"], "position": o["position"], "depth": o["depth"], "artifacts": o["artifacts"][:o["depth"]]}
+
+
+def _serve(registry: Registry, conn, shards: set[int]) -> tuple[int, list[dict]]:
+    """Re-choose the served model of `shards`, keep the others, and write a new served-set version."""
+    version, components = registry.served(conn)
+    by_shard: dict[int, list[dict]] = defaultdict(list)
+    for o in registry.orders(conn, shards=shards):
+        by_shard[o["shard"]].append(o)
+    kept = [c for c in components if c["shard"] not in shards]
+    fresh = [c for s in sorted(shards) if (c := served_component(by_shard[s])) is not None]
+    new = sorted(kept + fresh, key=lambda c: c["shard"])
+    if new == components and version:
+        return version, components
+    return registry.add_served(conn, new), new
+
+
+def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+           reference: str | None = None) -> Receipt:
+    """Delete records and/or every record of data subjects; effective when this returns."""
+    started = time.perf_counter()
+    request_id, created_at = uuid.uuid4().hex, utcnow()
+    ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
+    digests = {s: subject_digest(key, s) for s in subjects}
+    with registry.transaction() as conn:
+        # 1. Resolve the request by key (ids, subjects, tombstoned subject digests): no scan of the data.
+        rows = registry.find_records(conn, ids=ids, subjects=subjects, subject_digests=list(digests.values()))
+        live = [r for r in rows if r["deleted_in"] is None]
+        known = {r["id"] for r in rows}
+        seen_digests = {r["subject_digest"] for r in rows if r["subject_digest"]} | {
+            digests[r["subject"]] for r in rows if r["subject"] in digests}
+        # 2. Erase their content; the id stays as a tombstone so a repeat reports "already deleted".
+        registry.erase_records(conn, live, request_id, digest=lambda s: subject_digest(key, s))
+        # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on.
+        hit: dict[int, set[int]] = defaultdict(set)
+        for r in live:
+            hit[r["shard"]].add(r["slice"])
+        _, before = registry.served(conn)
+        depth_before = {c["shard"]: c["depth"] for c in before}
+        for o in registry.orders(conn, shards=hit):
+            depth = truncate(o["slices"], o["depth"], hit[o["shard"]])
+            if depth != o["depth"]:
+                registry.set_depth(conn, o["shard"], o["position"], depth)
+        # 4. Serve each hit shard's deepest surviving order (a shard with none drops out).
+        version, components = _serve(registry, conn, set(hit))
+        served_artifacts = sorted({a for c in components for a in c["artifacts"]})
+        # 5. Check the claim against the stored lineage, not against the truncation logic above.
+        named = sorted(known)
+        tainted = registry.tainted(conn, served_artifacts, named)
+        if tainted:
+            raise IntegrityError(f"served artifacts {sorted(tainted)} saw deleted ids; deletion rolled back")
+        depth_after = {c["shard"]: c["depth"] for c in components}
+        receipt = Receipt(
+            request_id=request_id, created_at=created_at, reference=reference,
+            deleted=tuple(sorted(r["id"] for r in live)),
+            already_deleted=tuple(sorted(r["id"] for r in rows if r["deleted_in"] is not None and r["id"] in ids)),
+            unknown=tuple(i for i in ids if i not in known),
+            subjects=tuple(digests[s] for s in subjects),
+            unknown_subjects=tuple(digests[s] for s in subjects if digests[s] not in seen_digests),
+            shards=tuple({"shard": s, "depth_before": depth_before.get(s, 0), "depth_after": depth_after.get(s, 0)}
+                         for s in sorted(hit)),
+            served_version=version, served_artifacts=tuple(served_artifacts),
+            lineage_check=(f"passed: none of the {len(served_artifacts)} served artifacts has any of the "
+                           f"{len(named)} named ids in its recorded lineage"),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        # 6. The ledger entry commits with everything above: acknowledged means durable.
+        registry.add_receipt(conn, request_id, created_at, receipt.to_dict())
+    return receipt
+
+
+def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[], None] = lambda: None) -> int:
+    """Train every order that is below full depth on the current data; return how many were completed.
+
+    After each order, one transaction re-checks that none of its artifacts saw a record deleted while it
+    trained (such a result is discarded and left for the next rebuild) and switches the served set.
+    """
+    completed = 0
+    by_shard: dict[int, list[dict]] = defaultdict(list)
+    for o in registry.orders():
+        if o["depth"] < len(o["slices"]):
+            by_shard[o["shard"]].append(o)
+
+    def commit(order: dict, lineages: list[str]) -> None:
+        nonlocal completed
+        with registry.transaction() as conn:
+            if registry.lineage_has_deleted(conn, lineages):
+                return   # a deletion raced this training: never serve it
+            registry.set_stages(conn, order["shard"], order["position"], lineages)
+            registry.set_depth(conn, order["shard"], order["position"], len(lineages))
+            _serve(registry, conn, {order["shard"]})
+        completed += 1
+
+    for shard, shard_orders in sorted(by_shard.items()):
+        trainer.complete(shard, shard_orders, on_stage=on_stage, on_order=commit)
+    return completed

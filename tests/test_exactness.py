@@ -1,0 +1,79 @@
+"""The exactness contract, bit for bit: after deletions the served model IS the model a from-scratch
+training on the reduced data produces (truncated the same way), and after restore() it is that
+training's full-depth model. Compared with torch.equal / numpy.array_equal, never closeness."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from s3t.inference import aggregate, shard_logits
+
+
+def served_tensors(system, components):
+    """The tensors of every served artifact, loaded from the system's own store (hash-verified)."""
+    return {a: system.trainer.store.load(a, system.registry.artifact(a)["sha256"])
+            for c in components for a in c["artifacts"]}
+
+
+def assert_same_model(a, b, components, texts):
+    """`b`'s own artifacts for `components` equal `a`'s, and so do the resulting probabilities."""
+    ta, tb = served_tensors(a, components), served_tensors(b, components)
+    assert ta.keys() == tb.keys() and ta
+    for lineage in ta:
+        assert ta[lineage].keys() == tb[lineage].keys()
+        for name in ta[lineage]:
+            assert torch.equal(ta[lineage][name], tb[lineage][name]), (lineage, name)
+    pa = a.predict_proba(texts)
+    logits_b = shard_logits(b.trainer.backbone, components, texts, load=b.trainer.load, batch_size=64)
+    assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
+
+
+def test_deletions_then_restore_equal_fresh_training_on_reduced_data(trained, make_run, tiny_plan, tiny_data):
+    rng = random.Random(7)
+    deleted = rng.sample(list(tiny_data.ids), 3)
+    subject = next(r.subject for r in tiny_data if r.id not in deleted and r.subject)
+    deleted += [r.id for r in tiny_data if r.subject == subject and r.id not in deleted]
+    trained.delete(ids=deleted[:2])
+    trained.delete(ids=deleted[2:3])
+    trained.delete(subjects=[subject])
+
+    torch.manual_seed(12345)   # global RNG state must not matter: seeds come from the lineage
+    fresh = make_run(tiny_plan, tiny_data.without(deleted), name="fresh")
+    fresh.train(progress=False)
+
+    texts = list(tiny_data.texts[:20]) + ["an unseen text about nothing in particular"]
+    _, truncated = trained.served()
+    assert any(c["depth"] < tiny_plan.num_slices for c in truncated), "the deletions should truncate something"
+    assert_same_model(trained, fresh, truncated, texts)
+
+    trained.restore(progress=False)
+    _, restored = trained.served()
+    assert restored == fresh.served()[1]
+    assert all(c["depth"] == tiny_plan.num_slices for c in restored)
+    assert_same_model(trained, fresh, restored, texts)
+    assert np.array_equal(trained.predict_proba(texts), fresh.predict_proba(texts))
+
+
+def test_served_model_differs_from_undeleted_model(trained, trained_dir, tiny_data):
+    """Guard against a vacuous equality: deleting changes what is served."""
+    import s3t
+
+    original = s3t.S3T.open(trained_dir)
+    texts = list(tiny_data.texts[:10])
+    before = original.predict_proba(texts)
+    victim = tiny_data[0].id
+    trained.delete(ids=[victim])
+    assert not np.array_equal(before, trained.predict_proba(texts))
+    original.close()
+
+
+def test_same_lineage_trains_to_identical_bits(make_run, tiny_plan, tiny_data):
+    a = make_run(tiny_plan, tiny_data, name="a").train(progress=False)
+    torch.manual_seed(999)
+    b = make_run(tiny_plan, tiny_data, name="b").train(progress=False)
+    components = a.served()[1]
+    assert components == b.served()[1]
+    assert_same_model(a, b, components, list(tiny_data.texts[:8]))
