@@ -1,0 +1,307 @@
+"""Records and datasets: labelled texts with stable ids and an optional subject (the data owner).
+
+Ids are what lineage, partitioning and deletion refer to, so a `Dataset` refuses duplicate or blank ids
+up front and every error names the record or file line at fault.
+
+    >>> data = Dataset.from_records([
+    ...     {"id": "a", "text": "rates rise", "label": "business"},
+    ...     {"id": "b", "text": "cup final", "label": "sport", "subject": "user-1"},
+    ... ])
+    >>> data
+    Dataset(2 records, 2 labels)
+    >>> data.without(["a"]).ids
+    ('b',)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from s3t.errors import DataError
+
+__all__ = ["Record", "Dataset", "check_labels"]
+
+_REQUIRED = ("id", "text", "label")
+_FIELDS = (*_REQUIRED, "subject")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One labelled text; `subject` names the data owner, so all of one person's records can be deleted."""
+
+    id: str
+    text: str
+    label: str
+    subject: str | None = None
+
+
+class Dataset:
+    """An immutable, validated sequence of records with unique ids.
+
+    Build one from `Record`s, or with `from_records`, `from_jsonl` or `from_csv`.
+    """
+
+    __slots__ = ("_records", "_positions")
+
+    def __init__(self, records: Sequence[Record]) -> None:
+        self._records = _validate((f"records[{i}]", r) for i, r in enumerate(records))
+        self._positions = {r.id: i for i, r in enumerate(self._records)}
+
+    @classmethod
+    def _trusted(cls, records: tuple[Record, ...]) -> Dataset:
+        # For subsets of an already validated dataset: no need to check again.
+        data = cls.__new__(cls)
+        data._records = records
+        data._positions = {r.id: i for i, r in enumerate(records)}
+        return data
+
+    @classmethod
+    def from_records(cls, items: Iterable[Mapping[str, Any] | Record]) -> Dataset:
+        """Build a dataset from dicts with keys id, text, label and optional subject, or from `Record`s."""
+        return cls._from_rows((f"records[{i}]", item) for i, item in enumerate(items))
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> Dataset:
+        """Read one JSON object per line (keys id, text, label, optional subject); blank lines are skipped."""
+        name = os.fspath(path)
+
+        def rows() -> Iterator[tuple[str, object]]:
+            with _open(name) as f:
+                for n, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"Line {n} of {name} is not valid JSON: {e.msg} "
+                                        f"(column {e.colno}). Write one JSON object per line.") from None
+                    yield f"line {n} of {name}", row
+
+        return cls._from_rows(rows(), name)
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike[str]) -> Dataset:
+        """Read a CSV file whose header names id, text, label and optionally subject (blank subject = none)."""
+        name = os.fspath(path)
+
+        def rows() -> Iterator[tuple[str, object]]:
+            with _open(name, newline="") as f:
+                reader = csv.DictReader(f)
+                columns = reader.fieldnames or []
+                missing = [c for c in _REQUIRED if c not in columns]
+                extra = [c for c in columns if c not in _FIELDS]
+                if missing or extra:
+                    problem = (f"is missing required column(s) {', '.join(missing)}" if missing
+                               else f"has unknown column(s) {', '.join(map(repr, extra))}")
+                    raise DataError(f"{name} {problem}; found columns: {', '.join(map(repr, columns)) or 'none'}. "
+                                    "The header must name id, text, label and optionally subject.")
+                start = reader.line_num + 1
+                for row in reader:
+                    where = f"line {start} of {name}"
+                    start = reader.line_num + 1  # a quoted field may span several lines
+                    if None in row:
+                        raise DataError(f"Too many fields at {where}: the header has {len(columns)}. "
+                                        "Quote texts that contain commas.")
+                    if row.get("subject") == "":
+                        row["subject"] = None
+                    yield where, {k: v for k, v in row.items() if v is not None}
+
+        return cls._from_rows(rows(), name)
+
+    @classmethod
+    def _from_rows(cls, rows: Iterable[tuple[str, object]], name: str | None = None) -> Dataset:
+        data = cls.__new__(cls)
+        data._records = _validate(rows, source=name)
+        data._positions = {r.id: i for i, r in enumerate(data._records)}
+        return data
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self._records)
+
+    def __getitem__(self, index: int) -> Record:
+        if not isinstance(index, int):
+            raise TypeError(f"Dataset indices must be ints; got {type(index).__name__}. "
+                            "Use `subset(ids)` to select records by id.")
+        return self._records[index]
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._positions
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Dataset):
+            return NotImplemented
+        return self._records == other._records
+
+    def __hash__(self) -> int:
+        return hash(self._records)
+
+    def __repr__(self) -> str:
+        n, k = len(self._records), len(self.labels)
+        return f"Dataset({n} record{'s' * (n != 1)}, {k} label{'s' * (k != 1)})"
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Record ids in dataset order."""
+        return tuple(r.id for r in self._records)
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """Texts in dataset order."""
+        return tuple(r.text for r in self._records)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The distinct labels, sorted."""
+        return tuple(sorted({r.label for r in self._records}))
+
+    def get(self, id: str) -> Record:
+        """The record with this id; `DataError` if there is none (use `id in dataset` to test)."""
+        try:
+            return self._records[self._positions[id]]
+        except KeyError:
+            raise DataError(f"No record with id {id!r} in this dataset ({len(self)} records). "
+                            "`Dataset.ids` lists the valid ids.") from None
+
+    def subset(self, ids: Iterable[str]) -> Dataset:
+        """The records with these ids, in dataset order; every id must exist."""
+        wanted = self._known(ids, "subset")
+        kept = tuple(r for r in self._records if r.id in wanted)
+        if not kept:
+            raise DataError("`subset` was given no ids; a dataset needs at least one record.")
+        return Dataset._trusted(kept)
+
+    def without(self, ids: Iterable[str]) -> Dataset:
+        """The records whose ids are not in `ids`, in dataset order; every id must exist."""
+        dropped = self._known(ids, "without")
+        kept = tuple(r for r in self._records if r.id not in dropped)
+        if not kept:
+            raise DataError(f"`without` removed all {len(self)} records; a dataset needs at least one.")
+        return Dataset._trusted(kept)
+
+    def split(self, *, test_fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Split into (train, test), with round(test_fraction * len) records in test.
+
+        Records are ranked by a hash of (seed, id), so the split does not depend on row order and
+        survives reordering; each part keeps dataset order.
+        """
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+                or not 0 < test_fraction < 1:
+            raise DataError(f"`test_fraction` must be a float in (0, 1); got {test_fraction!r}. "
+                            "Use a value such as 0.2.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise DataError(f"`seed` must be an int; got {seed!r}.")
+        n_test = math.floor(test_fraction * len(self) + 0.5)
+        if not 0 < n_test < len(self):
+            raise DataError(f"`test_fraction` = {test_fraction} of {len(self)} records gives "
+                            f"{n_test} test and {len(self) - n_test} training records; both need at "
+                            "least one. Change `test_fraction` or add records.")
+        ranked = sorted(self._records, key=lambda r: (_rank(seed, r.id), r.id))
+        test_ids = {r.id for r in ranked[:n_test]}
+        return (Dataset._trusted(tuple(r for r in self._records if r.id not in test_ids)),
+                Dataset._trusted(tuple(r for r in self._records if r.id in test_ids)))
+
+    def _known(self, ids: Iterable[str], method: str) -> set[str]:
+        if isinstance(ids, str):
+            # A lone string would be iterated character by character.
+            raise DataError(f"`{method}` takes a list of ids; got the string {ids!r}. Use [{ids!r}].")
+        wanted = {str(i) for i in ids}
+        unknown = sorted(wanted - self._positions.keys())
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise DataError(f"`{method}` got {len(unknown)} id(s) not in this dataset: {shown}. "
+                            "`Dataset.ids` lists the valid ids.")
+        return wanted
+
+
+def check_labels(labels: Iterable[str | int], known: Iterable[str]) -> None:
+    """Raise `DataError` if any label is not in `known` (the labels a model was trained on)."""
+    known_set = {str(k) for k in known}
+    unknown = sorted({str(label) for label in labels} - known_set)
+    if unknown:
+        raise DataError(f"Unknown label(s) {', '.join(map(repr, unknown))}: the model was trained on "
+                        f"{', '.join(map(repr, sorted(known_set)))}. Drop those records or retrain with them.")
+
+
+def _rank(seed: int, id: str) -> bytes:
+    # blake2b, not hash(): Python salts str hashes per process.
+    return hashlib.blake2b(f"{seed}\0{id}".encode(), digest_size=8).digest()
+
+
+def _open(name: str, *, newline: str | None = None) -> Any:
+    try:
+        return open(name, encoding="utf-8-sig", newline=newline)  # -sig: tolerate a BOM from Excel
+    except FileNotFoundError:
+        raise DataError(f"No such data file: {name!r}. Check the path.") from None
+    except OSError as e:
+        raise DataError(f"Cannot read the data file {name!r}: {e.strerror}.") from None
+
+
+def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) -> tuple[Record, ...]:
+    """Check and normalise records; `rows` pairs each item with where it came from, for messages."""
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    try:
+        for where, item in rows:
+            record = _record(where, item)
+            if record.id in seen:
+                raise DataError(f"Duplicate id {record.id!r} at {seen[record.id]} and {where}. "
+                                "Ids must be unique: deletion and lineage refer to records by id.")
+            seen[record.id] = where
+            records.append(record)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source} is not UTF-8 text ({e.reason}). Re-save it as UTF-8.") from None
+    if not records:
+        where = f"{source} has no records" if source else "The dataset is empty"
+        raise DataError(f"{where}; a dataset needs at least one record.")
+    return tuple(records)
+
+
+def _record(where: str, item: object) -> Record:
+    if isinstance(item, Record):
+        values: dict[str, Any] = dataclasses.asdict(item)
+    elif isinstance(item, Mapping):
+        values = dict(item)
+    else:
+        raise DataError(f"Expected a Record or a mapping with keys id, text, label at {where}; "
+                        f"got {type(item).__name__}.")
+    for name in _REQUIRED:
+        if name not in values:
+            raise DataError(f"Missing field `{name}` at {where}. "
+                            "Each record needs id, text and label (subject is optional).")
+    extra = sorted(str(k) for k in values if k not in _FIELDS)
+    if extra:
+        raise DataError(f"Unknown field(s) {', '.join(f'`{k}`' for k in extra)} at {where}. "
+                        "Allowed fields are id, text, label and subject.")
+    text = values["text"]
+    if not isinstance(text, str):
+        raise DataError(f"`text` at {where} must be a string; got {type(text).__name__}.")
+    if not text.strip():
+        raise DataError(f"`text` at {where} is blank. Drop the record or give it text.")
+    subject = values.get("subject")
+    return Record(
+        id=_key(where, "id", values["id"]),
+        text=text,
+        label=_key(where, "label", values["label"]),
+        subject=None if subject is None else _key(where, "subject", subject),
+    )
+
+
+def _key(where: str, name: str, value: object) -> str:
+    """An id, label or subject as a non-blank string; ints are accepted and converted."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"`{name}` at {where} must be a string or int; got {value!r} "
+                        f"({type(value).__name__}).")
+    if not value.strip():
+        raise DataError(f"`{name}` at {where} is blank. Give every record a non-blank {name}.")
+    return value
