@@ -21,7 +21,7 @@ from .records import Dataset
 __all__ = ["DEMO_PLAN", "demo_data", "run_demo"]
 
 # 2 shards x 3 slices (2 MiniLM blocks per layer group), every cyclic order: ~6 minutes on 2 CPU cores.
-DEMO_PLAN = Plan(num_shards=2, num_slices=3, budget=3, epochs=2, max_length=64, batch_size=16,
+DEMO_PLAN = Plan(num_shards=2, num_slices=3, budget=3, epochs=1, max_length=64, batch_size=16,
                  learning_rate=2e-3, lora_rank=8, seed=0)
 NUM_SUBJECTS = 150
 

@@ -139,6 +139,7 @@ class S3T:
         """The stage trainer with the backbone loaded (lazily: opening a run stays cheap)."""
         if self._trainer is None:
             from .backbone import Backbone, count_blocks, model_digest, resolve_model_path
+            from .cache import TrunkCache, cache_key
             from .errors import IntegrityError
             from .store import ArtifactStore
             from .training import Trainer
@@ -152,7 +153,10 @@ class S3T:
             backbone = Backbone(path, num_groups=p.num_slices, blocks_per_group=p.blocks_for(blocks),
                                 num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
                                 lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
-            self._trainer = Trainer(backbone=backbone, registry=self.registry,
+            boundaries = [backbone.group_start(g) for g in range(1, p.num_slices + 1)]
+            cache = TrunkCache(self.run_dir, boundaries=boundaries,
+                               key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries))
+            self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
                                     training=p.training_fields(blocks), base_digest=digest, labels=self.labels,
                                     epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size)
@@ -205,6 +209,8 @@ class S3T:
     # -- unlearning ---------------------------------------------------------------------------------
     def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """Where each record sits: {id: (shard, slice)}; unknown ids are left out."""
+        if isinstance(ids, str):
+            raise DataError("`ids` must be a list of record ids, not a single string; wrap it: [id]")
         return {i: (shard, sl) for i, (shard, sl, _deleted) in self.registry.locate(list(ids)).items()}
 
     def delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None) -> Receipt:
@@ -214,8 +220,11 @@ class S3T:
                 raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
         if not ids and not subjects:
             raise DataError("a deletion needs at least one id or subject")
+        from .cache import erase_records
+
         key = bytes.fromhex(self.registry.get_meta("ledger_key"))
-        return delete(self.registry, key, ids=ids, subjects=subjects, reference=reference)
+        return delete(self.registry, key, ids=ids, subjects=subjects, reference=reference,
+                      erase_derived=lambda erased: erase_records(self.run_dir, erased))
 
     def receipts(self) -> list[Receipt]:
         """Every deletion receipt in the ledger, oldest first."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
+from .cache import CacheMiss, TrunkCache
 from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
 from .registry import Registry
 from .store import ArtifactStore
@@ -43,6 +44,7 @@ class Trainer:
     epochs: int
     learning_rate: float
     batch_size: int
+    cache: TrunkCache
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     # -- lineage ------------------------------------------------------------------------------------
@@ -69,8 +71,12 @@ class Trainer:
 
     # -- one stage ----------------------------------------------------------------------------------
     def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
-                    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, int]) -> StageResult:
-        """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1."""
+                    targets: dict[str, int]) -> StageResult:
+        """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1.
+
+        Input is each record's cached frozen hidden state at the bottom of group `stage`: the blocks
+        below run no adapter at this stage, so their output is the same for every stage and order.
+        """
         bb = self.backbone
         seed = stage_seed(lineage)
         # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state.
@@ -91,10 +97,8 @@ class Trainer:
                 total, count = 0.0, 0
                 for b in range(0, len(order), self.batch_size):
                     batch = order[b:b + self.batch_size]
-                    input_ids = torch.stack([inputs[i][0] for i in batch])
-                    mask = torch.stack([inputs[i][1] for i in batch])
+                    hidden, mask = self.cache.load(batch, start)
                     y = torch.tensor([targets[i] for i in batch])
-                    hidden = bb.trunk(input_ids, mask, start)   # frozen below group `stage`: no graph
                     loss = F.cross_entropy(bb.top(hidden, mask, start), y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -121,20 +125,21 @@ class Trainer:
         members = self.registry.live_members(shard)
         rows = self.registry.texts_and_labels([i for ids in members.values() for i in ids])
         label_index = {label: k for k, label in enumerate(self.labels)}
-        ids_all = sorted(rows)
-        input_ids, mask = self.backbone.tokenize([rows[i][0] for i in ids_all]) if ids_all else (None, None)
-        inputs = {i: (input_ids[k], mask[k]) for k, i in enumerate(ids_all)}
-        targets = {i: label_index[rows[i][1]] for i in ids_all}
+        self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])
+        targets = {i: label_index[label] for i, (_text, label) in rows.items()}
         for order in orders:
             lineages = self.lineages(order["slices"], members)
-            for stage in range(1, len(lineages) + 1):
-                if self._usable(lineages[stage - 1]):
-                    continue
-                ids = sorted(i for s in order["slices"][:stage] for i in members.get(s, []))
-                result = self.train_stage(stage=stage, lineage=lineages[stage - 1], parents=lineages[:stage - 1],
-                                          ids=ids, inputs=inputs, targets=targets)
-                self.register(stage, lineages[stage - 1], result, ids)
-                on_stage()
+            try:
+                for stage in range(1, len(lineages) + 1):
+                    if self._usable(lineages[stage - 1]):
+                        continue
+                    ids = sorted(i for s in order["slices"][:stage] for i in members.get(s, []))
+                    result = self.train_stage(stage=stage, lineage=lineages[stage - 1],
+                                              parents=lineages[:stage - 1], ids=ids, targets=targets)
+                    self.register(stage, lineages[stage - 1], result, ids)
+                    on_stage()
+            except CacheMiss:
+                continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
             on_order(order, lineages)
 
     def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str]) -> None:

@@ -80,14 +80,18 @@ def _serve(registry: Registry, conn, shards: set[int]) -> tuple[int, list[dict]]
     kept = [c for c in components if c["shard"] not in shards]
     fresh = [c for s in sorted(shards) if (c := served_component(by_shard[s])) is not None]
     new = sorted(kept + fresh, key=lambda c: c["shard"])
-    if new == components and version:
+    if new == components:
         return version, components
     return registry.add_served(conn, new), new
 
 
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
-           reference: str | None = None) -> Receipt:
-    """Delete records and/or every record of data subjects; effective when this returns."""
+           reference: str | None = None, erase_derived: Callable[[list[str]], None] = lambda ids: None) -> Receipt:
+    """Delete records and/or every record of data subjects; effective when this returns.
+
+    `erase_derived(ids)` removes what was computed from the records' content outside the database
+    (the trunk cache); it runs before the commit, so an acknowledged deletion has left no copy behind.
+    """
     started = time.perf_counter()
     request_id, created_at = uuid.uuid4().hex, utcnow()
     ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
@@ -134,7 +138,10 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
                            f"{len(named)} named ids in its recorded lineage"),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
-        # 6. The ledger entry commits with everything above: acknowledged means durable.
+        # 6. Shred derived copies (cached hidden states) before committing: a crash here leaves the
+        #    records live and the cache merely cold, never a deleted record's trace behind an acknowledgement.
+        erase_derived([r["id"] for r in live])
+        # 7. The ledger entry commits with everything above: acknowledged means durable.
         registry.add_receipt(conn, request_id, created_at, receipt.to_dict())
     return receipt
 

@@ -1,0 +1,104 @@
+"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import insert
+
+import s3t
+from s3t.registry import lineage
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any training step fail loudly: deletion must never reach it."""
+    from s3t.training import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the deletion path tried to train")
+
+    monkeypatch.setattr(Trainer, "train_stage", refuse)
+    monkeypatch.setattr(Trainer, "complete", refuse)
+
+
+def run_bytes(system) -> bytes:
+    """Every byte s3t keeps for the run: database (and any journal) plus all artifact files."""
+    return b"".join(p.read_bytes() for p in sorted(system.run_dir.rglob("*")) if p.is_file())
+
+
+def test_delete_truncates_without_training(trained, tiny_data, no_training):
+    victim = tiny_data[5]
+    shard, slice_ = trained.locate([victim.id])[victim.id]
+    before = {o["position"]: o["depth"] for o in trained.registry.orders(shards=[shard])}
+    receipt = trained.delete(ids=[victim.id])
+    after = {o["position"]: o["depth"] for o in trained.registry.orders(shards=[shard])}
+    for o in trained.registry.orders(shards=[shard]):
+        assert after[o["position"]] == min(before[o["position"]], o["slices"].index(slice_))
+    assert receipt.deleted == (victim.id,)
+    assert receipt.shards[0]["shard"] == shard
+    assert receipt.shards[0]["depth_after"] == max(after.values())
+    assert receipt.lineage_check.startswith("passed")
+
+
+def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
+    victim = tiny_data[3]
+    marker = victim.text.encode()
+    assert sum(r.text == victim.text for r in tiny_data) == 1
+    assert marker in run_bytes(trained)
+    trained.delete(ids=[victim.id])
+    trained.close()
+    assert marker not in run_bytes(trained), "deleted text survives in the run's files"
+
+
+def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
+    import sqlite3
+
+    subject = tiny_data[0].subject
+    owned = {r.id for r in tiny_data if r.subject == subject}
+    receipt = trained.delete(subjects=[subject])
+    assert set(receipt.deleted) == owned and subject not in str(receipt.to_dict())
+    trained.close()
+    con = sqlite3.connect(trained.run_dir / "registry.sqlite")
+    rows = con.execute("select subject, subject_digest, text, label from records where id in (%s)"
+                       % ",".join("?" * len(owned)), sorted(owned)).fetchall()
+    con.close()
+    assert rows and all(r[0] is None and r[2] is None and r[3] is None and len(r[1]) == 64 for r in rows)
+
+
+def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):
+    """If the stored lineage says a served artifact saw the record, the deletion must not be acknowledged."""
+    version, components = trained.served()
+    victim = tiny_data[0].id
+    shard, _ = trained.locate([victim])[victim]
+    other = next(c for c in components if c["shard"] != shard)
+    with trained.registry.transaction() as conn:   # forge: another shard's served artifact "saw" the victim
+        conn.execute(insert(lineage).values(artifact=other["artifacts"][0], record_id=victim))
+    with pytest.raises(s3t.IntegrityError):
+        trained.delete(ids=[victim])
+    assert trained.served() == (version, components)
+    assert trained.locate([victim]) and trained.registry.locate([victim])[victim][2] is False
+    assert trained.receipts() == []
+
+
+def test_deletion_racing_a_restore_is_never_served(trained, tiny_data):
+    """A record deleted while restore() trains on it: that result is discarded, not served."""
+    first, second = tiny_data[1].id, tiny_data[2].id
+    trained.delete(ids=[first])
+    trainer = trained.trainer
+    original = trainer.register
+
+    def delete_during_training(stage, lineage_hash, result, ids):
+        original(stage, lineage_hash, result, ids)
+        if second in ids and not trained.registry.locate([second])[second][2]:
+            trained.delete(ids=[second])
+
+    trainer.register = delete_during_training
+    trained.restore(progress=False)
+    trainer.register = original
+    _, components = trained.served()
+    served = [a for c in components for a in c["artifacts"]]
+    with trained.registry.transaction() as conn:
+        assert not trained.registry.tainted(conn, served, [first, second])
+    assert trained.status().truncated_orders > 0   # the raced orders wait for the next restore
+    trained.restore(progress=False)
+    assert trained.status().truncated_orders == 0
