@@ -266,11 +266,10 @@ class Registry:
                 row = c.execute(q).first()
         return (row.version, json.loads(row.components)) if row else (0, [])
 
-    def add_served(self, conn: Connection, components: list[dict]) -> int:
-        version, _ = self.served(conn)
-        conn.execute(served_sets.insert().values(version=version + 1, created_at=utcnow(),
+    def add_served(self, conn: Connection, components: list[dict], *, version: int) -> None:
+        """Write served-set `version` (the primary key makes a concurrent writer of the same version fail)."""
+        conn.execute(served_sets.insert().values(version=version, created_at=utcnow(),
                                                  components=json.dumps(components, sort_keys=True)))
-        return version + 1
 
     # -- ledger -------------------------------------------------------------------------------------
     def add_receipt(self, conn: Connection, request_id: str, created_at: str, receipt: dict) -> None:

@@ -70,6 +70,11 @@ class Trainer:
         return row is not None and self.store.verify(lineage, row["sha256"])
 
     # -- one stage ----------------------------------------------------------------------------------
+    def batch_logits(self, batch: Sequence[str], start: int) -> torch.Tensor:
+        """Logits of a training batch: cached frozen state at block `start`, then the adapted blocks above."""
+        hidden, mask = self.cache.load(batch, start)
+        return self.backbone.top(hidden, mask, start)
+
     def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
                     targets: dict[str, int]) -> StageResult:
         """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1.
@@ -97,9 +102,8 @@ class Trainer:
                 total, count = 0.0, 0
                 for b in range(0, len(order), self.batch_size):
                     batch = order[b:b + self.batch_size]
-                    hidden, mask = self.cache.load(batch, start)
                     y = torch.tensor([targets[i] for i in batch])
-                    loss = F.cross_entropy(bb.top(hidden, mask, start), y)
+                    loss = F.cross_entropy(self.batch_logits(batch, start), y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

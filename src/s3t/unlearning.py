@@ -71,18 +71,20 @@ def served_component(shard_orders: Sequence[dict]) -> dict | None:
     return {"shard": o["shard"], "position": o["position"], "depth": o["depth"], "artifacts": o["artifacts"][:o["depth"]]}
 
 
-def _serve(registry: Registry, conn, shards: set[int]) -> tuple[int, list[dict]]:
-    """Re-choose the served model of `shards`, keep the others, and write a new served-set version."""
-    version, components = registry.served(conn)
+def _serve(registry: Registry, conn, served: tuple[int, list[dict]], shard_orders: Sequence[dict]) -> tuple[int, list[dict]]:
+    """Re-choose the served model of the shards of `shard_orders` (their current state), keep the other
+    shards' components from `served`, and write a new served-set version if anything changed."""
+    version, components = served
     by_shard: dict[int, list[dict]] = defaultdict(list)
-    for o in registry.orders(conn, shards=shards):
+    for o in shard_orders:
         by_shard[o["shard"]].append(o)
-    kept = [c for c in components if c["shard"] not in shards]
-    fresh = [c for s in sorted(shards) if (c := served_component(by_shard[s])) is not None]
+    kept = [c for c in components if c["shard"] not in by_shard]
+    fresh = [c for s in sorted(by_shard) if (c := served_component(by_shard[s])) is not None]
     new = sorted(kept + fresh, key=lambda c: c["shard"])
     if new == components:
         return version, components
-    return registry.add_served(conn, new), new
+    registry.add_served(conn, new, version=version + 1)
+    return version + 1, new
 
 
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
@@ -109,14 +111,16 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
         hit: dict[int, set[int]] = defaultdict(set)
         for r in live:
             hit[r["shard"]].add(r["slice"])
-        _, before = registry.served(conn)
-        depth_before = {c["shard"]: c["depth"] for c in before}
-        for o in registry.orders(conn, shards=hit):
+        served = registry.served(conn)
+        depth_before = {c["shard"]: c["depth"] for c in served[1]}
+        shard_orders = registry.orders(conn, shards=hit)
+        for o in shard_orders:
             depth = truncate(o["slices"], o["depth"], hit[o["shard"]])
             if depth != o["depth"]:
                 registry.set_depth(conn, o["shard"], o["position"], depth)
+                o["depth"] = depth
         # 4. Serve each hit shard's deepest surviving order (a shard with none drops out).
-        version, components = _serve(registry, conn, set(hit))
+        version, components = _serve(registry, conn, served, shard_orders)
         served_artifacts = sorted({a for c in components for a in c["artifacts"]})
         # 5. Check the claim against the stored lineage, not against the truncation logic above.
         named = sorted(known)
@@ -165,7 +169,7 @@ def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[], No
                 return   # a deletion raced this training: never serve it
             registry.set_stages(conn, order["shard"], order["position"], lineages)
             registry.set_depth(conn, order["shard"], order["position"], len(lineages))
-            _serve(registry, conn, {order["shard"]})
+            _serve(registry, conn, registry.served(conn), registry.orders(conn, shards=[order["shard"]]))
         completed += 1
 
     for shard, shard_orders in sorted(by_shard.items()):

@@ -1,0 +1,138 @@
+"""Training cost of s3t's pipeline against a paper-style reference and a plain LoRA fine-tune.
+
+    python benchmarks/training_speed.py                     # demo plan on BBC News, ~25 minutes on 2 cores
+    python benchmarks/training_speed.py --records 300       # a quick look
+
+Three sides, each in its own subprocess (so each peak RSS is its own), on the same split:
+- s3t:        the library as shipped (frozen-trunk cache, content-addressed shared prefixes);
+- reference:  the paper's code's cost model — every stage runs all blocks forward and backward from the
+              embeddings, no cache, and every order trains all its stages (no prefix sharing);
+- fine-tune:  one plain LoRA fine-tune on all the data, adapting the same blocks, same epochs.
+Prints a table and the ratios, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIDES = ("s3t", "reference", "fine-tune")
+
+
+def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
+    """Train one side in this process and write its figures to `out`."""
+    import torch
+
+    import s3t
+    from s3t.demo import demo_data
+    from s3t.training import Trainer
+
+    class NoCache:
+        def fill(self, *args, **kwargs):
+            pass
+
+    class ReferenceTrainer(Trainer):
+        """Full forward/backward through every block at every stage; no cache; no prefix sharing."""
+
+        def batch_logits(self, batch, start):
+            bb = self.backbone
+            input_ids, mask = bb.tokenize([self.texts[i] for i in batch])
+            hidden = bb.family.embed(bb.model, input_ids).detach().requires_grad_(True)  # backprop to the bottom
+            return bb.top(hidden, mask, 0)
+
+        def _usable(self, lineage):
+            return lineage in self.trained_here   # never reuse a stage another order already trained
+
+        def register(self, stage, lineage, result, ids):
+            self.trained_here.add(lineage)
+            super().register(stage, lineage, result, ids)
+
+    plan = s3t.Plan.from_json(plan_json)
+    train, test = demo_data()
+    if records:   # a seeded sample: the files are sorted by class
+        import random
+
+        train = train.subset(random.Random(0).sample(list(train.ids), records))
+    if side == "fine-tune":   # one group spanning every block the S3T plan adapts
+        from s3t.backbone import count_blocks, resolve_model_path
+
+        adapted = plan.num_slices * plan.blocks_for(count_blocks(resolve_model_path(plan.base_model)))
+        plan = plan.replace(num_shards=1, num_slices=1, budget=1, blocks_per_slice=adapted)
+    with tempfile.TemporaryDirectory() as tmp:
+        system = s3t.S3T.create(Path(tmp) / "run", plan, train)
+        if side == "reference":
+            base = system.trainer
+            ref = ReferenceTrainer(**{f: getattr(base, f) for f in ("backbone", "registry", "store", "training",
+                                      "base_digest", "labels", "epochs", "learning_rate", "batch_size", "cache")})
+            ref.texts = {r.id: r.text for r in train}
+            ref.cache = NoCache()
+            ref.trained_here = set()
+            system._trainer = ref
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        system.train(progress=False)
+        seconds = time.perf_counter() - started
+        stage_examples = sum(row["examples"] for row in _artifacts(system)) * plan.epochs
+        figures = {"side": side, "plan": plan.to_dict(), "train_records": len(train), "seconds": round(seconds, 1),
+                   "stage_examples": stage_examples, "examples_per_s": round(stage_examples / seconds, 1),
+                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                   "accuracy": round(system.score(test), 4)}
+        system.close()
+    out.write_text(json.dumps(figures))
+
+
+def _artifacts(system) -> list[dict]:
+    from sqlalchemy import select
+
+    from s3t.registry import artifacts
+
+    with system.registry.engine.connect() as conn:
+        return [r._asdict() for r in conn.execute(select(artifacts))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="s3t training cost vs reference and plain fine-tune")
+    parser.add_argument("--records", type=int, default=None, help="use only the first N training records")
+    parser.add_argument("--plan", type=Path, default=None, help="plan TOML (default: the demo plan)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--plan-json", help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        run_side(args.side, args.records, args.plan_json, args.side_out)
+        return
+
+    import s3t
+    from s3t.demo import DEMO_PLAN
+
+    plan = s3t.Plan.from_toml(args.plan) if args.plan else DEMO_PLAN
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in SIDES:
+            side_out = Path(tmp) / f"{side}.json"
+            cmd = [sys.executable, __file__, "--side", side, "--plan-json", plan.to_json(), "--side-out", str(side_out)]
+            if args.records:
+                cmd += ["--records", str(args.records)]
+            subprocess.run(cmd, check=True)
+            results[side] = json.loads(side_out.read_text())
+            print(json.dumps(results[side]), flush=True)
+    ratios = {"reference_over_s3t": round(results["reference"]["seconds"] / results["s3t"]["seconds"], 2),
+              "s3t_over_fine_tune": round(results["s3t"]["seconds"] / results["fine-tune"]["seconds"], 2)}
+    print(f"\n{'side':<10} {'seconds':>8} {'ex/s':>8} {'peak MB':>8} {'accuracy':>8}")
+    for side, r in results.items():
+        print(f"{side:<10} {r['seconds']:>8} {r['examples_per_s']:>8} {r['peak_rss_mb']:>8} {r['accuracy']:>8}")
+    print(f"\nreference / s3t wall time: {ratios['reference_over_s3t']}x (target >= 3x)")
+    print(f"s3t / plain fine-tune wall time: {ratios['s3t_over_fine_tune']}x (target <= 3x)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"sides": results, "ratios": ratios}, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
