@@ -31,31 +31,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deletion.json"))
     args = parser.parse_args()
 
-    import torch
-
     import s3t
     from s3t.datasets import synthetic
-    from s3t.training import StageResult, Trainer
-
-    class StubTrainer(Trainer):
-        def train_stage(self, *, stage, lineage, parents, ids, targets):
-            gen = torch.Generator().manual_seed(int(lineage[:8], 16))
-            shapes = {**self.backbone.group_state(stage), **self.backbone.head_state()}
-            return StageResult({k: torch.randn(v.shape, generator=gen) for k, v in shapes.items()}, [0.0])
-
-    class NoCache:
-        def fill(self, *args, **kwargs):
-            pass
+    from stubs import use_random_weights
 
     data = synthetic(args.records, num_labels=4, num_subjects=args.records // 4, seed=0)
     plan = s3t.Plan(num_shards=4, num_slices=4, budget=4, blocks_per_slice=1, max_length=32, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         system = s3t.S3T.create(Path(tmp) / "run", plan, data)
-        base = system.trainer
-        system._trainer = StubTrainer(cache=NoCache(), **{f: getattr(base, f) for f in (
-            "backbone", "registry", "store", "training", "base_digest", "labels", "epochs", "learning_rate",
-            "batch_size")})
+        use_random_weights(system)
         system.train(progress=False)
         setup = time.perf_counter() - started
         print(f"registry of {len(data)} records built and 'trained' in {setup:.0f} s", flush=True)

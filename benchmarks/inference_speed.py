@@ -32,17 +32,7 @@ def main() -> None:
     import s3t
     from s3t.demo import DEMO_PLAN, demo_data
     from s3t.inference import aggregate, shard_logits
-    from s3t.training import StageResult, Trainer
-
-    class StubTrainer(Trainer):
-        def train_stage(self, *, stage, lineage, parents, ids, targets):
-            gen = torch.Generator().manual_seed(int(lineage[:8], 16))
-            shapes = {**self.backbone.group_state(stage), **self.backbone.head_state()}
-            return StageResult({k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in shapes.items()}, [])
-
-    class NoCache:
-        def fill(self, *args, **kwargs):
-            pass
+    from stubs import use_random_weights
 
     def per_shard_logits(bb, components, texts, load, batch_size):
         """The baseline: every shard runs its own full forward from the embeddings."""
@@ -66,10 +56,7 @@ def main() -> None:
     plan = DEMO_PLAN.replace(num_shards=args.shards, budget=1)
     with tempfile.TemporaryDirectory() as tmp:
         system = s3t.S3T.create(Path(tmp) / "run", plan, train)
-        base = system.trainer
-        system._trainer = StubTrainer(cache=NoCache(), **{f: getattr(base, f) for f in (
-            "backbone", "registry", "store", "training", "base_digest", "labels", "epochs", "learning_rate",
-            "batch_size")})
+        use_random_weights(system)
         system.train(progress=False)
         trainer, (_, components) = system.trainer, system.served()
         assert len(components) == args.shards and all(c["depth"] == plan.num_slices for c in components)

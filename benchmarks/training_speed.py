@@ -32,10 +32,7 @@ def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
     import s3t
     from s3t.demo import demo_data
     from s3t.training import Trainer
-
-    class NoCache:
-        def fill(self, *args, **kwargs):
-            pass
+    from stubs import TRAINER_FIELDS, NoCache
 
     class ReferenceTrainer(Trainer):
         """Full forward/backward through every block at every stage; no cache; no prefix sharing."""
@@ -68,10 +65,8 @@ def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
         system = s3t.S3T.create(Path(tmp) / "run", plan, train)
         if side == "reference":
             base = system.trainer
-            ref = ReferenceTrainer(**{f: getattr(base, f) for f in ("backbone", "registry", "store", "training",
-                                      "base_digest", "labels", "epochs", "learning_rate", "batch_size", "cache")})
+            ref = ReferenceTrainer(cache=NoCache(), **{f: getattr(base, f) for f in TRAINER_FIELDS})
             ref.texts = {r.id: r.text for r in train}
-            ref.cache = NoCache()
             ref.trained_here = set()
             system._trainer = ref
         torch.manual_seed(0)

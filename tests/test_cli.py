@@ -307,3 +307,37 @@ def test_error_text_that_looks_like_markup_does_not_crash(tmp_path):
 def test_delete_text_output_with_markup_like_ids(run_copy):
     out = ok(invoke("delete", run_copy, "--id", "[/x]"))
     assert has(out, "unknown ids ['[/x]']")
+
+
+# -- capacity ------------------------------------------------------------------------------------------
+def test_simulate_prints_simulation_and_closed_form_and_writes_outputs(tmp_path):
+    out = ok(invoke("simulate", "-m", 2, "-L", 3, "-B", 1, "-B", 3, "--trials", 200,
+                    "--out-json", tmp_path / "c.json", "--out-png", tmp_path / "c.png"))
+    assert has(out, "closed form") and has(out, "cells") and has(out, "cyclic")
+    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert [r["label"] for r in results] == ["cyclic B=1", "cyclic B=3"]
+    assert has(out, f"{results[1]['closed_form']:.1f}")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_compares_selections_under_skew():
+    out = ok(invoke("simulate", "-m", 2, "-L", 3, "-B", 2, "--selection", "cyclic", "--selection", "prior_aware",
+                    "--distribution", "hot", "--population", 300, "--trials", 100))
+    assert has(out, "hot") and has(out, "prior_a")
+
+
+def test_simulate_reports_bad_settings_as_user_errors():
+    assert has(user_error(invoke("simulate", "--distribution", "pareto", "--trials", 10)), "`distribution`")
+    assert has(user_error(invoke("simulate", "--selection", "greedy", "--trials", 10)), "`selection`")
+
+
+def test_plan_capacity_prints_confirmed_candidates():
+    out = ok(invoke("plan-capacity", "--records", 2000, "--deletions", 10, "--max-slices", 4, "--trials", 200,
+                    "--throughput", 100))
+    assert has(out, "plans for 2,000 records that absorb 10 deletions")
+    assert has(out, "passes/epoch") and re.search(r"\d+ (s|min|h)\b", out)
+
+
+def test_plan_capacity_says_when_nothing_fits():
+    message = user_error(invoke("plan-capacity", "--records", 50, "--deletions", 500, "--trials", 50))
+    assert has(message, "no plan with at most 32 shards") and has(message, "--max-shards")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from s3t.inference import aggregate, shard_logits
@@ -31,7 +32,10 @@ def assert_same_model(a, b, components, texts):
     assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
 
 
-def test_deletions_then_restore_equal_fresh_training_on_reduced_data(trained, make_run, tiny_plan, tiny_data):
+@pytest.mark.parametrize("method", ["s3t", "sisa"])
+def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, make_run, tiny_plan, tiny_data):
+    tiny_plan = tiny_plan.replace(method=method)
+    trained = make_run(tiny_plan, tiny_data, name="trained").train(progress=False)
     rng = random.Random(7)
     deleted = rng.sample(list(tiny_data.ids), 3)
     subject = next(r.subject for r in tiny_data if r.id not in deleted and r.subject)

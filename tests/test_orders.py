@@ -300,3 +300,45 @@ def test_select_orders_accepts_the_real_plan() -> None:
     prior = (0.4, 0.3, 0.2, 0.1)
     plan = Plan(num_shards=2, num_slices=4, budget=6, selection="bms", deletion_prior=prior)
     assert select_orders(plan, 1) == bms_orders(4, 6, prior)
+
+
+# --- prior-aware ---------------------------------------------------------------------------------------
+
+
+@given(st.integers(2, 7).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1), st.integers(1, 2 * n))))
+def test_prior_aware_orders_keep_risky_slices_last(case: tuple[int, int, int]) -> None:
+    from s3t.orders import prior_aware_orders
+
+    num_slices, risky, budget = case
+    budget = min(budget, math.factorial(num_slices))
+    orders = prior_aware_orders(num_slices, budget, risky_slices=risky)
+    assert len(orders) == budget == len(set(orders)) and all(is_permutation(o, num_slices) for o in orders)
+    safe = num_slices - risky
+    firsts = [o[0] for o in orders]
+    # The first orders start with distinct safe slices and train every risky slice after every safe one.
+    for order in orders[:safe]:
+        assert set(order[:safe]) == set(range(safe))
+    assert firsts[:safe] == list(range(min(budget, safe)))
+    # Up to L orders, all first slices differ (so a uniform prior gets cyclic's capacity).
+    assert len(set(firsts[:num_slices])) == min(budget, num_slices)
+
+
+@pytest.mark.parametrize("num_slices, risky", [(3, 1), (4, 2), (5, 1)])
+def test_prior_aware_orders_reach_every_permutation(num_slices: int, risky: int) -> None:
+    from s3t.orders import prior_aware_orders
+
+    everything = prior_aware_orders(num_slices, math.factorial(num_slices), risky_slices=risky)
+    assert set(everything) == set(itertools.permutations(range(num_slices)))
+
+
+def test_prior_aware_orders_examples_and_errors() -> None:
+    from s3t.orders import prior_aware_orders
+    from s3t.plan import Plan
+
+    assert prior_aware_orders(4, 4, risky_slices=1) == [(0, 1, 2, 3), (1, 2, 0, 3), (2, 0, 1, 3), (3, 0, 1, 2)]
+    assert prior_aware_orders(4, 3, risky_slices=2) == [(0, 1, 2, 3), (1, 0, 2, 3), (2, 0, 1, 3)]
+    plan = Plan(num_shards=3, num_slices=4, budget=4, placement="prior_aware")
+    assert select_orders(plan, 2) == prior_aware_orders(4, 4, risky_slices=1)
+    for risky in (0, 4, True):
+        with pytest.raises(PlanError, match="`risky_slices`"):
+            prior_aware_orders(4, 2, risky_slices=risky)

@@ -127,3 +127,59 @@ def test_bad_counts_name_the_field(kwargs: dict, field: str) -> None:
 def test_slice_sizes_rejects_out_of_range_cells() -> None:
     with pytest.raises(DataError, match="'z'"):
         slice_sizes({"z": (3, 0)}, num_shards=2, num_slices=2)
+
+
+# -- prior-aware placement -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Risky:
+    id: str
+    subject: str | None = None
+    risk: float | None = None
+
+
+def aware(records, **kwargs) -> dict[str, tuple[int, int]]:
+    return partition(records, seed=3, num_shards=4, num_slices=5, placement="prior_aware", **kwargs)
+
+
+def test_prior_aware_moves_only_risky_records_and_keeps_their_shard() -> None:
+    records = [Risky(f"r{i}", risk=[None, 0.1, 0.5, 0.9][i % 4]) for i in range(400)]
+    hashed = partition(records, seed=3, num_shards=4, num_slices=5)
+    placed = aware(records)
+    for r in records:
+        if r.risk is not None and r.risk > 0.5:
+            assert placed[r.id][0] == hashed[r.id][0] and placed[r.id][1] == 4  # the last slice
+        else:
+            assert placed[r.id] == hashed[r.id]  # exactly where hash placement puts it
+    # Two risky slices: risky records spread over slices 3 and 4 only.
+    two = aware(records, risky_slices=2, risk_threshold=0.0)
+    risky_cells = {two[r.id][1] for r in records if r.risk}
+    assert risky_cells == {3, 4}
+
+
+def test_prior_aware_with_no_risky_record_equals_hash_placement() -> None:
+    records = [Risky(f"r{i}", subject=f"u{i % 7}" if i % 3 else None, risk=0.5) for i in range(200)]
+    assert aware(records) == partition(records, seed=3, num_shards=4, num_slices=5)
+    assert aware([Rec(f"x{i}") for i in range(50)]) == partition([Rec(f"x{i}") for i in range(50)], seed=3,
+                                                                  num_shards=4, num_slices=5)
+
+
+@given(st.lists(st.builds(Risky, st.text(min_size=1, max_size=8), st.none(),
+                          st.one_of(st.none(), st.floats(0, 1))), max_size=30, unique_by=lambda r: r.id),
+       st.data())
+def test_prior_aware_removing_records_never_moves_the_others(records: list[Risky], data: st.DataObject) -> None:
+    full = aware(records)
+    kept = data.draw(st.lists(st.sampled_from(records), unique=True)) if records else []
+    assert aware(kept) == {r.id: full[r.id] for r in kept}
+
+
+def test_prior_aware_subject_needs_one_risk_and_bad_settings_are_named() -> None:
+    with pytest.raises(DataError, match="'a' and 'b' of subject 'u' carry different risks"):
+        aware([Risky("a", "u", 0.9), Risky("b", "u", 0.1)])
+    with pytest.raises(DataError, match="risk 2"):
+        aware([Risky("a", None, 2)])
+    for kwargs, field in ((dict(placement="smart"), "`placement`"), (dict(risky_slices=5), "`risky_slices`"),
+                          (dict(risk_threshold=1.0), "`risk_threshold`")):
+        with pytest.raises(PlanError, match=field):
+            partition([Rec("a")], seed=0, num_shards=2, num_slices=5, **({"placement": "prior_aware"} | kwargs))
+    # Hash placement ignores risk entirely, even inconsistent risks within a subject.
+    assert partition([Risky("a", "u", 0.9), Risky("b", "u", 0.1)], seed=0, num_shards=2, num_slices=5)

@@ -224,7 +224,7 @@ def test_training_fields_exclude_non_training_settings() -> None:
     plan = Plan(num_slices=3, lora_targets=("query",))
     fields = plan.training_fields(6)
     assert fields["blocks_per_slice"] == 2 and fields["lora_targets"] == ["query"]
-    assert set(fields) == {"num_slices", "blocks_per_slice", "lora_rank", "lora_alpha", "lora_dropout",
+    assert set(fields) == {"method", "num_slices", "blocks_per_slice", "lora_rank", "lora_alpha", "lora_dropout",
                            "lora_targets", "epochs", "learning_rate", "batch_size", "max_length", "seed"}
     json.dumps(fields)  # must be hashable as JSON
     # Settings that only choose which stages run, or how they are served, must not change lineage.
@@ -232,6 +232,7 @@ def test_training_fields_exclude_non_training_settings() -> None:
                          aggregation="vote", base_model="/elsewhere")
     assert other.training_fields(6) == fields
     assert plan.replace(epochs=2).training_fields(6) != fields
+    assert plan.replace(method="sisa").training_fields(6) != fields
 
 
 def test_replace_validates_and_names_unknown_fields() -> None:
@@ -242,3 +243,42 @@ def test_replace_validates_and_names_unknown_fields() -> None:
         plan.replace(num_shards=0)
     with pytest.raises(PlanError, match="`shards`"):
         plan.replace(shards=5)
+
+
+# -- prior-aware placement -----------------------------------------------------------------------------
+def test_placement_defaults_and_round_trip() -> None:
+    plan = Plan()
+    assert (plan.placement, plan.risky_slices, plan.risk_threshold) == ("hash", 1, 0.5)
+    aware = Plan(num_slices=4, placement="prior_aware", risky_slices=2, risk_threshold=0.25)
+    assert repr(aware) == "Plan(num_slices=4, placement='prior_aware', risky_slices=2, risk_threshold=0.25)"
+    assert Plan.from_json(aware.to_json()) == aware
+    # A plan stored before these fields existed still loads, with hash placement.
+    old = {k: v for k, v in json.loads(plan.to_json()).items()
+           if k not in ("placement", "risky_slices", "risk_threshold")}
+    assert Plan.from_dict(old) == plan
+    # Placement decides where records go, not what a stage computes from them.
+    assert aware.training_fields(6) == Plan(num_slices=4).training_fields(6)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"placement": "smart"}, ["`placement`", "'hash', 'prior_aware'", "got 'smart'"]),
+        ({"risky_slices": 0}, ["`risky_slices`", "int >= 1", "got 0"]),
+        ({"risk_threshold": 1.0}, ["`risk_threshold`", "[0, 1)", "got 1.0"]),
+        ({"risk_threshold": "high"}, ["`risk_threshold`", "'high' (str)"]),
+        ({"placement": "prior_aware", "num_slices": 1}, ["`num_slices` >= 2", "got 1", "placement = 'hash'"]),
+        ({"placement": "prior_aware", "risky_slices": 3}, ["`risky_slices`", "got 3", "at most 2"]),
+        ({"placement": "prior_aware", "selection": "bms"}, ["`selection` must be 'cyclic'", "got 'bms'"]),
+    ],
+)
+def test_placement_errors_name_field_value_and_fix(changes: dict, expected: list[str]) -> None:
+    with pytest.raises(PlanError) as info:
+        Plan(**changes)
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_hash_placement_ignores_risky_slices_beyond_num_slices() -> None:
+    # risky_slices only has to fit when it is used.
+    assert Plan(num_slices=1, risky_slices=3).num_slices == 1

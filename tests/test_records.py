@@ -203,3 +203,41 @@ def test_check_labels() -> None:
     check_labels([1], ["1"])  # labels are compared as strings
     with pytest.raises(DataError, match=r"Unknown label\(s\) 'd', 'e'.*trained on 'a', 'b'"):
         check_labels(["e", "a", "d"], ["b", "a"])
+
+
+# -- risk ------------------------------------------------------------------------------------------------
+def test_risk_is_optional_and_read_by_every_loader(tmp_path: Path) -> None:
+    data = Dataset.from_records([{"id": "a", "text": "t", "label": "x", "risk": 0.8},
+                                 {"id": "b", "text": "t", "label": "x", "risk": 1},
+                                 {"id": "c", "text": "t", "label": "x"}])
+    assert [r.risk for r in data] == [0.8, 1.0, None]
+    assert Record("d", "t", "x").risk is None
+    jsonl = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "text": "t", "label": "x", "risk": 0.25}])
+    assert Dataset.from_jsonl(jsonl)[0].risk == 0.25
+    path = tmp_path / "r.csv"
+    path.write_text("id,text,label,subject,risk\na,t,x,,0.9\nb,t,x,u1,\n")
+    data = Dataset.from_csv(path)
+    assert (data.get("a").risk, data.get("b").risk, data.get("b").subject) == (0.9, None, "u1")
+
+
+@pytest.mark.parametrize("risk", [1.5, -0.1, "high", True, float("nan"), [0.5]])
+def test_bad_risk_names_the_record_and_the_fix(risk: object) -> None:
+    with pytest.raises(DataError, match=r"`risk` at records\[0\] must be a number in \[0, 1\]"):
+        Dataset.from_records([{"id": "a", "text": "t", "label": "x", "risk": risk}])
+
+
+def test_bad_risk_in_csv_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text("id,text,label,risk\na,t,x,0.5\nb,t,x,lots\n")
+    with pytest.raises(DataError, match="`risk` at line 3 of .*r.csv.*got 'lots'"):
+        Dataset.from_csv(path)
+
+
+def test_a_subjects_records_must_share_one_risk() -> None:
+    rows = [{"id": "a", "text": "t", "label": "x", "subject": "u", "risk": 0.2},
+            {"id": "b", "text": "t", "label": "x", "subject": "u", "risk": 0.9}]
+    with pytest.raises(DataError, match=r"subject 'u' carry different risks: 0.2 at records\[0\] and 0.9 at "
+                                        r"records\[1\]"):
+        Dataset.from_records(rows)
+    rows[1]["risk"] = 0.2
+    assert len(Dataset.from_records(rows)) == 2

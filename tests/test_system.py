@@ -343,3 +343,16 @@ def test_needs_restore_when_every_order_is_dead_then_restore(trained, tiny_plan,
     served_artifacts = {a for c in trained.served()[1] for a in c["artifacts"]}
     with trained.registry.transaction() as conn:
         assert not trained.registry.tainted(conn, sorted(served_artifacts), sorted(cells.values()))
+
+
+def test_create_places_risky_records_in_the_last_slice(make_run, tiny_plan):
+    # Prior-aware placement through S3T.create: risky records sit in the slice every order trains last.
+    rows = [{"id": r.id, "text": r.text, "label": r.label, "risk": 0.9 if i % 4 == 0 else 0.1}
+            for i, r in enumerate(datasets.synthetic(48, num_labels=3, seed=4))]
+    data = s3t.Dataset.from_records(rows)
+    plan = tiny_plan.replace(budget=None, placement="prior_aware")
+    system = make_run(plan, data)
+    cells = system.locate(list(data.ids))
+    assert all(cells[r.id][1] == 1 for r in data if r.risk > 0.5)
+    assert cells == partition(data, seed=0, num_shards=2, num_slices=2, placement="prior_aware")
+    assert {tuple(o["slices"]) for o in system.registry.orders()} == {(0, 1), (1, 0)}

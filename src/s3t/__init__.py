@@ -12,20 +12,27 @@ Importing s3t is cheap: torch and transformers load only when a model is trained
 from __future__ import annotations
 
 from . import datasets
-from .errors import (DataError, IntegrityError, NeedsRestoreError, NotTrainedError, PlanError, RunError,
-                     RunExistsError, RunNotFoundError, S3TError)
+from .errors import (AuthError, ConflictError, DataError, ForbiddenError, IntegrityError, NeedsRestoreError,
+                     NotFoundError, NotTrainedError, PlanError, RateLimitError, RunError, RunExistsError,
+                     RunNotFoundError, S3TError)
 from .plan import Plan
 from .records import Dataset, Record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Status", "ShardStatus", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "NotTrainedError",
-    "NeedsRestoreError", "IntegrityError",
+    "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
+    "RateLimitError",
+    "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
 ]
 
-_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Receipt": "unlearning"}
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
+         "Receipt": "unlearning",
+         # deletion capacity: the simulator and the planner
+         "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",
+         "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner"}
 
 
 def __getattr__(name: str):

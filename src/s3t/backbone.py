@@ -149,6 +149,11 @@ class Backbone(nn.Module):
     def adapter_name(group: int) -> str:
         return f"g{group}"
 
+    def groups_at(self, depth: int) -> int:
+        """Layer groups active in a depth-`depth` model: `depth` for S3T; for SISA (one group spanning
+        every adapted block, retrained at each stage) the one group from stage 1 on."""
+        return min(depth, self.num_groups)
+
     def group_start(self, group: int) -> int:
         """Index of the lowest block of `group`: where a depth-`group` model leaves the frozen trunk."""
         return self.group_blocks[group][0] if group > 0 else len(self.family.blocks(self.model))

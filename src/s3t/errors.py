@@ -8,7 +8,12 @@
     │   ├── RunNotFoundError no run at the given folder
     │   └── NotTrainedError  the run has no trained model yet: call `train()`
     ├── NeedsRestoreError    deletions left no shard with a live order: call `restore()`
-    └── IntegrityError       a stored artifact or lineage failed verification
+    ├── IntegrityError       a stored artifact or lineage failed verification
+    ├── NotFoundError        an unknown receipt, held request or service token id
+    ├── ConflictError        an idempotency key reused for another request; a decided held request
+    ├── AuthError            a service token is missing, unknown or revoked (HTTP 401)
+    │   └── ForbiddenError   the token is valid but lacks the role the endpoint needs (HTTP 403)
+    └── RateLimitError       a token exceeded its request rate or daily quota (HTTP 429)
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ __all__ = [
     "NotTrainedError",
     "NeedsRestoreError",
     "IntegrityError",
+    "NotFoundError",
+    "ConflictError",
+    "AuthError",
+    "ForbiddenError",
+    "RateLimitError",
 ]
 
 
@@ -60,3 +70,28 @@ class NeedsRestoreError(S3TError):
 
 class IntegrityError(S3TError):
     """A stored artifact or lineage record failed verification."""
+
+
+class NotFoundError(S3TError, LookupError):
+    """A receipt, held request or token id is unknown; the message says where to list valid ones."""
+
+
+class ConflictError(S3TError):
+    """The request contradicts stored state: an idempotency key reused for a different request, or a
+    held request that was already applied or rejected."""
+
+
+class AuthError(S3TError):
+    """A service request has no token, or an unknown or revoked one."""
+
+
+class ForbiddenError(AuthError):
+    """A valid service token lacks the role the endpoint needs."""
+
+
+class RateLimitError(S3TError):
+    """A token exceeded its request rate or its daily deletion quota; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -20,7 +20,7 @@ def shard_logits(backbone: Backbone, components: Sequence[dict], texts: Sequence
     per batch up to the lowest block any shard adapts; each shard then continues from there.
     """
     out = np.zeros((len(components), len(texts), backbone.head.out_features), dtype=np.float32)
-    shared_stop = min(backbone.group_start(c["depth"]) for c in components)
+    shared_stop = min(backbone.group_start(backbone.groups_at(c["depth"])) for c in components)
     with torch.no_grad():
         for b in range(0, len(texts), batch_size):
             input_ids, mask = backbone.tokenize(list(texts[b:b + batch_size]))
@@ -29,10 +29,11 @@ def shard_logits(backbone: Backbone, components: Sequence[dict], texts: Sequence
             for k, component in enumerate(components):
                 for lineage in component["artifacts"]:   # groups 1..depth; the last leaves head = stage depth's
                     backbone.load_state(load(lineage))
-                start = backbone.group_start(component["depth"])
+                groups = backbone.groups_at(component["depth"])
+                start = backbone.group_start(groups)
                 backbone.set_depth(0)
                 hidden = backbone.run_blocks(trunk, mask, shared_stop, start)   # frozen, below this shard's groups
-                backbone.set_depth(component["depth"])
+                backbone.set_depth(groups)
                 out[k, b:b + batch_size] = backbone.top(hidden, mask, start).numpy()
     backbone.set_depth(0)
     return out

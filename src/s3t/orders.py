@@ -1,4 +1,4 @@
-"""Slice orders per shard: cyclic rotation, bipartite-matching selection (BMS) and random.
+"""Slice orders per shard: cyclic rotation, bipartite-matching selection (BMS), random, and prior-aware.
 
 An order is a tuple of slice indices, a permutation of ``range(L)``; stage i of an order trains layer
 group i on the union of its first i slices, so a deletion in the slice at position j leaves the stage-(j-1)
@@ -31,6 +31,7 @@ __all__ = [
     "order_log_score",
     "bms_orders",
     "random_orders",
+    "prior_aware_orders",
     "select_orders",
 ]
 
@@ -266,6 +267,56 @@ def random_orders(num_slices: int, budget: int, *, seed: int) -> list[Order]:
     return [everything[int(k)] for k in rng.permutation(len(everything))[:budget]]
 
 
+def prior_aware_orders(num_slices: int, budget: int, *, risky_slices: int) -> list[Order]:
+    """Return `budget` distinct orders that train the risky slices (the last `risky_slices`) as late as possible.
+
+    Prior-aware placement (see partition.py) puts data likely to be deleted in those slices, so a request
+    for it truncates an order near its end instead of killing it. In preference order:
+
+    1. the cyclic shifts of the safe slices, each followed by the risky slices: distinct safe first slices;
+    2. one order starting with each risky slice (then the safe slices, then the other risky ones), so that
+       B = L still has L distinct first slices and a uniform prior loses nothing against cyclic orders;
+    3. further risky-last orders: the safe part's suffix rotations (as in `cyclic_orders`), then the risky
+       tail's rotations;
+    4. any other permutation, in lexicographic order.
+
+    BMS with a prior that marks the risky slices would not do: its base orders form a Latin square, which
+    forces every risky slice into every position, early ones included.
+    """
+    import itertools
+
+    _check_sizes(num_slices, budget)
+    if isinstance(risky_slices, bool) or not isinstance(risky_slices, int) or not 1 <= risky_slices < num_slices:
+        raise PlanError(
+            f"`risky_slices` must be an integer in [1, {num_slices - 1}] (below `num_slices` = {num_slices}); "
+            f"got {risky_slices!r}. Use 1."
+        )
+    num_safe = num_slices - risky_slices
+    safe = tuple(range(num_safe))
+    risky = tuple(range(num_safe, num_slices))
+
+    def candidates() -> Iterator[Order]:
+        safe_orders = cyclic_orders(num_safe, min(budget, math.factorial(num_safe)))
+        yield from (order + risky for order in safe_orders[:num_safe])
+        for j, first in enumerate(risky):
+            yield (first,) + safe + risky[:j] + risky[j + 1:]
+        tails = [tuple(num_safe + s for s in tail)
+                 for tail in cyclic_orders(risky_slices, min(budget, math.factorial(risky_slices)))]
+        for tail in tails:
+            yield from (order + tail for order in safe_orders)
+        yield from itertools.permutations(range(num_slices))
+
+    orders: list[Order] = []
+    seen: set[Order] = set()
+    for order in candidates():
+        if order not in seen:
+            seen.add(order)
+            orders.append(order)
+            if len(orders) == budget:
+                return orders
+    raise AssertionError("the candidates include every permutation")  # pragma: no cover
+
+
 def _shard_seed(seed: int, shard: int) -> int:
     """Derive a per-shard seed from (seed, shard) with blake2b, stable across processes and platforms."""
     digest = hashlib.blake2b(f"{seed}\x00{shard}".encode(), digest_size=8, person=b"s3t-orders").digest()
@@ -276,12 +327,15 @@ def select_orders(plan: Any, shard: int) -> list[Order]:
     """Return the orders of one shard as the plan's `selection` prescribes.
 
     The plan is duck-typed: it needs `selection`, `num_slices`, `resolved_budget`, `deletion_prior`
-    (None for uniform) and `seed`. Cyclic and BMS orders are the same for every shard; random orders use
-    a seed derived from (plan.seed, shard) so shards differ but reruns agree.
+    (None for uniform) and `seed`, and may have `placement` and `risky_slices`. Cyclic, BMS and
+    prior-aware orders are the same for every shard; random orders use a seed derived from
+    (plan.seed, shard) so shards differ but reruns agree. Prior-aware placement brings its own orders.
     """
     selection = plan.selection
     num_slices = plan.num_slices
     budget = plan.resolved_budget
+    if getattr(plan, "placement", "hash") == "prior_aware":
+        return prior_aware_orders(num_slices, budget, risky_slices=plan.risky_slices)
     if selection == "cyclic":
         return cyclic_orders(num_slices, budget)
     if selection == "bms":

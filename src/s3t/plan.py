@@ -23,9 +23,11 @@ from typing import Any, Literal, Mapping, get_args
 
 from s3t.errors import PlanError
 
-__all__ = ["Plan", "Selection", "Aggregation"]
+__all__ = ["Plan", "Selection", "Aggregation", "Placement", "Method"]
 
+Method = Literal["s3t", "sisa"]
 Selection = Literal["cyclic", "bms", "random"]
+Placement = Literal["hash", "prior_aware"]
 Aggregation = Literal["mean_proba", "mean_logits", "vote"]
 
 # Keys written next to the fields by `to_json` and skipped by `from_dict`.
@@ -55,7 +57,11 @@ class Plan:
     seed: int = 0  # root of every derived seed
     selection: Selection = "cyclic"  # how the B orders of each shard are chosen
     deletion_prior: tuple[float, ...] | None = None  # per-slice deletion weight, used by "bms"
+    placement: Placement = "hash"  # "prior_aware": records with risk > risk_threshold go to the risky slices
+    risky_slices: int = 1  # prior_aware: the last `risky_slices` slices, trained last in every order
+    risk_threshold: float = 0.5  # prior_aware: a record whose risk exceeds this is placed in a risky slice
     aggregation: Aggregation = "mean_proba"  # how shard predictions are combined
+    method: Method = "s3t"  # "sisa": the baseline, every stage trains all adapted blocks, continuing the last
     base_model: str | None = None  # local Hugging Face folder; None -> embedded all-MiniLM-L6-v2
 
     def __post_init__(self) -> None:
@@ -87,8 +93,17 @@ class Plan:
         put("seed", _int("seed", self.seed, low=0, fix="Use a non-negative int such as 0."))
         _choice("selection", self.selection, get_args(Selection))
         _choice("aggregation", self.aggregation, get_args(Aggregation))
+        _choice("method", self.method, get_args(Method))
         if self.deletion_prior is not None:
             put("deletion_prior", _prior(self.deletion_prior, self.num_slices))
+        _choice("placement", self.placement, get_args(Placement))
+        put("risky_slices", _int("risky_slices", self.risky_slices, low=1,
+                                 fix="Use 1 (one slice per shard collects the risky records)."))
+        put("risk_threshold", _float("risk_threshold", self.risk_threshold, low=0.0, high=1.0,
+                                     low_inclusive=True, allowed="a float in [0, 1)",
+                                     fix="Use 0.5: records more likely than not to be deleted are risky."))
+        if self.placement == "prior_aware":
+            _check_prior_aware(self)
         if self.base_model is not None:
             put("base_model", _base_model(self.base_model))
 
@@ -138,6 +153,7 @@ class Plan:
         model enters lineage through its own content digest, so they are left out.
         """
         return {
+            "method": self.method,
             "num_slices": self.num_slices,
             "blocks_per_slice": self.blocks_for(num_blocks),
             "lora_rank": self.lora_rank,
@@ -336,6 +352,21 @@ def _prior(value: object, num_slices: int) -> tuple[float, ...]:
     if sum(weights) <= 0:
         raise PlanError(f"`deletion_prior` must have a positive sum; got {list(value)!r}. {fix}")
     return tuple(weights)
+
+
+def _check_prior_aware(plan: Plan) -> None:
+    if plan.num_slices < 2:
+        raise PlanError(f"`placement` = 'prior_aware' needs `num_slices` >= 2 (at least one slice for risky "
+                        f"records and one for the rest); got {plan.num_slices}. Raise `num_slices` or use "
+                        "placement = 'hash'.")
+    if plan.risky_slices >= plan.num_slices:
+        raise PlanError(f"`risky_slices` must be below `num_slices` = {plan.num_slices} so that orders can "
+                        f"start with a safe slice; got {plan.risky_slices}. Use at most {plan.num_slices - 1} "
+                        "(1 is usually best).")
+    if plan.selection != "cyclic":
+        raise PlanError(f"`placement` = 'prior_aware' chooses the orders itself (safe slices rotated, risky "
+                        f"slices last), so `selection` must be 'cyclic'; got {plan.selection!r}. Leave "
+                        "`selection` at 'cyclic', or use placement = 'hash' for 'bms' and 'random'.")
 
 
 def _base_model(value: object) -> str:

@@ -1,4 +1,5 @@
-"""Records and datasets: labelled texts with stable ids and an optional subject (the data owner).
+"""Records and datasets: labelled texts with stable ids, an optional subject (the data owner) and an
+optional deletion risk (used by prior-aware placement).
 
 Ids are what lineage, partitioning and deletion refer to, so a `Dataset` refuses duplicate or blank ids
 up front and every error names the record or file line at fault.
@@ -28,17 +29,23 @@ from s3t.errors import DataError
 __all__ = ["Record", "Dataset", "check_labels"]
 
 _REQUIRED = ("id", "text", "label")
-_FIELDS = (*_REQUIRED, "subject")
+_FIELDS = (*_REQUIRED, "subject", "risk")
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One labelled text; `subject` names the data owner, so all of one person's records can be deleted."""
+    """One labelled text; `subject` names the data owner, so all of one person's records can be deleted.
+
+    `risk` is an optional deletion prior in [0, 1] (e.g. the estimated probability that the record, or its
+    subject, will be asked to be forgotten); `Plan(placement="prior_aware")` puts risky records in the
+    slices that every order trains last. All records of one subject must carry the same risk.
+    """
 
     id: str
     text: str
     label: str
     subject: str | None = None
+    risk: float | None = None
 
 
 class Dataset:
@@ -63,12 +70,12 @@ class Dataset:
 
     @classmethod
     def from_records(cls, items: Iterable[Mapping[str, Any] | Record]) -> Dataset:
-        """Build a dataset from dicts with keys id, text, label and optional subject, or from `Record`s."""
+        """Build a dataset from dicts with keys id, text, label and optional subject and risk, or from `Record`s."""
         return cls._from_rows((f"records[{i}]", item) for i, item in enumerate(items))
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> Dataset:
-        """Read one JSON object per line (keys id, text, label, optional subject); blank lines are skipped."""
+        """Read one JSON object per line (keys id, text, label, optional subject, risk); blank lines are skipped."""
         name = os.fspath(path)
 
         def rows() -> Iterator[tuple[str, object]]:
@@ -87,7 +94,7 @@ class Dataset:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike[str]) -> Dataset:
-        """Read a CSV file whose header names id, text, label and optionally subject (blank subject = none)."""
+        """Read a CSV file whose header names id, text, label and optionally subject and risk (blank = none)."""
         name = os.fspath(path)
 
         def rows() -> Iterator[tuple[str, object]]:
@@ -100,7 +107,7 @@ class Dataset:
                     problem = (f"is missing required column(s) {', '.join(missing)}" if missing
                                else f"has unknown column(s) {', '.join(map(repr, extra))}")
                     raise DataError(f"{name} {problem}; found columns: {', '.join(map(repr, columns)) or 'none'}. "
-                                    "The header must name id, text, label and optionally subject.")
+                                    "The header must name id, text, label and optionally subject and risk.")
                 start = reader.line_num + 1
                 for row in reader:
                     where = f"line {start} of {name}"
@@ -108,8 +115,9 @@ class Dataset:
                     if None in row:
                         raise DataError(f"Too many fields at {where}: the header has {len(columns)}. "
                                         "Quote texts that contain commas.")
-                    if row.get("subject") == "":
-                        row["subject"] = None
+                    for optional in ("subject", "risk"):
+                        if row.get(optional) == "":
+                            row[optional] = None
                     yield where, {k: v for k, v in row.items() if v is not None}
 
         return cls._from_rows(rows(), name)
@@ -249,6 +257,7 @@ def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) 
     """Check and normalise records; `rows` pairs each item with where it came from, for messages."""
     records: list[Record] = []
     seen: dict[str, str] = {}
+    subject_risk: dict[str, tuple[float | None, str]] = {}
     try:
         for where, item in rows:
             record = _record(where, item)
@@ -256,6 +265,13 @@ def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) 
                 raise DataError(f"Duplicate id {record.id!r} at {seen[record.id]} and {where}. "
                                 "Ids must be unique: deletion and lineage refer to records by id.")
             seen[record.id] = where
+            if record.subject is not None:
+                # A subject's records share one cell, so they must agree on the risk that places it.
+                first = subject_risk.setdefault(record.subject, (record.risk, where))
+                if first[0] != record.risk:
+                    raise DataError(f"Records of subject {record.subject!r} carry different risks: {first[0]!r} "
+                                    f"at {first[1]} and {record.risk!r} at {where}. Give all of a subject's "
+                                    "records the same risk (for example the highest).")
             records.append(record)
     except UnicodeDecodeError as e:
         raise DataError(f"{source} is not UTF-8 text ({e.reason}). Re-save it as UTF-8.") from None
@@ -280,7 +296,7 @@ def _record(where: str, item: object) -> Record:
     extra = sorted(str(k) for k in values if k not in _FIELDS)
     if extra:
         raise DataError(f"Unknown field(s) {', '.join(f'`{k}`' for k in extra)} at {where}. "
-                        "Allowed fields are id, text, label and subject.")
+                        "Allowed fields are id, text, label, subject and risk.")
     text = values["text"]
     if not isinstance(text, str):
         raise DataError(f"`text` at {where} must be a string; got {type(text).__name__}.")
@@ -292,7 +308,26 @@ def _record(where: str, item: object) -> Record:
         text=text,
         label=_key(where, "label", values["label"]),
         subject=None if subject is None else _key(where, "subject", subject),
+        risk=_risk(where, values.get("risk")),
     )
+
+
+def _risk(where: str, value: object) -> float | None:
+    """A deletion risk as a float in [0, 1], or None; numeric strings (from CSV) are accepted."""
+    if value is None:
+        return None
+    number: float | None = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise DataError(f"`risk` at {where} must be a number in [0, 1] or absent; got {value!r}. "
+                        "Give the estimated probability that the record will be deleted, or leave it out.")
+    return number
 
 
 def _key(where: str, name: str, value: object) -> str:

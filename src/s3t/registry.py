@@ -4,6 +4,11 @@ SQLite in the run folder by default (PostgreSQL by URL), through SQLAlchemy Core
 happens inside `transaction()`. On SQLite, `secure_delete` makes the engine overwrite erased content
 instead of leaving it in free pages, and the rollback journal is deleted at commit, so a deleted record's
 text does not survive in the database files.
+
+Concurrency on SQLite: `transaction()` starts with BEGIN IMMEDIATE, taking the write lock before its
+first read, so a read-check-write sequence (the deletion path, a restoration's commit) cannot interleave
+with another process's; reads run in deferred transactions (one consistent snapshot each). A connection
+that finds the database locked waits up to `BUSY_TIMEOUT_S` instead of failing.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select,
+                        update)
+from sqlalchemy.engine import Connection, Engine, make_url
 
 __all__ = ["Registry", "utcnow"]
+
+BUSY_TIMEOUT_S = 60.0   # how long a connection waits for SQLite's lock before "database is locked"
 
 metadata = MetaData()
 
@@ -73,6 +81,46 @@ ledger = Table(
     Column("created_at", String(40), nullable=False),
     Column("receipt", Text, nullable=False),         # JSON receipt: ids, keyed subject hashes, depths
 )
+idempotency = Table(  # a client's idempotency key -> the deletion it made; written in that deletion's transaction
+    "idempotency", metadata,
+    Column("key", String(400), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # hash of the request, to refuse a key reused for another
+    Column("request_id", String(64), nullable=False),
+    Column("created_at", String(40), nullable=False),
+)
+tokens = Table(  # HTTP service tokens; only a SHA-256 of each secret is stored
+    "tokens", metadata,
+    Column("id", String(32), primary_key=True),     # public id, shown in listings and logs
+    Column("name", String(200), nullable=False),
+    Column("roles", String(100), nullable=False),   # comma-separated: predict, delete, admin
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("rate", Float),                          # requests per second; NULL = the server's default
+    Column("daily_quota", Integer),                 # ids + subjects per UTC day; NULL = the server's default
+    Column("created_at", String(40), nullable=False),
+    Column("revoked_at", String(40)),
+)
+token_usage = Table(  # deletion items (ids + subjects) each requester had applied per UTC day, for quotas
+    "token_usage", metadata,
+    Column("token_id", String(32), primary_key=True),   # a deletion's `requested_by`
+    Column("day", String(10), primary_key=True),
+    Column("used", Integer, nullable=False),
+)
+flagged = Table(  # deletion requests the abuse guard flagged: applied with an alert, or held for review
+    "flagged_requests", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", String(40), nullable=False),
+    Column("token_id", String(32)),
+    Column("action", String(8), nullable=False),    # alert (applied at once) or hold (waits for an admin)
+    Column("status", String(8), nullable=False),    # pending, applied or rejected
+    Column("reason", Text, nullable=False),
+    Column("request", Text),                        # JSON {ids, subjects, reference} while pending; NULL after
+    Column("idempotency_key", String(400), unique=True),
+    Column("fingerprint", String(64)),
+    Column("request_id", String(64)),               # the ledger entry once applied
+    Column("decided_at", String(40)),
+    Column("decided_by", String(32)),
+    Column("note", Text),
+)
 
 
 def utcnow() -> str:
@@ -80,6 +128,7 @@ def utcnow() -> str:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None     # s3t emits BEGIN itself (see `_sqlite_begin`)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA secure_delete=ON")   # overwrite erased content, don't just unlink pages
     cursor.execute("PRAGMA journal_mode=DELETE")
@@ -88,22 +137,36 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers lock up front: two read-then-write transactions never deadlock on a lock upgrade.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("s3t_write") else "BEGIN")
+
+
 class Registry:
     """Typed access to one run's database; methods taking `conn` run inside a caller's transaction."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
+        sqlite = make_url(url).get_backend_name() == "sqlite"
+        self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S} if sqlite else {})
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Create the tables that are missing (all for a new run; tables added since, for an older one).
+
+        Under the write lock: two processes opening an older run at once do not both create a table.
+        """
+        with self.transaction() as conn:
+            metadata.create_all(conn)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        with self.engine.connect() as conn:
+            conn.execution_options(s3t_write=True)
+            with conn.begin():
+                yield conn
 
     def close(self) -> None:
         self.engine.dispose()
@@ -116,6 +179,10 @@ class Registry:
     def set_meta(self, conn: Connection, key: str, value: str) -> None:
         conn.execute(meta.delete().where(meta.c.key == key))
         conn.execute(meta.insert().values(key=key, value=value))
+
+    def delete_meta(self, conn: Connection, key: str, *, if_value: str | None = None) -> None:
+        q = meta.delete().where(meta.c.key == key)
+        conn.execute(q if if_value is None else q.where(meta.c.value == if_value))
 
     # -- records ------------------------------------------------------------------------------------
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
@@ -284,3 +351,80 @@ class Registry:
     def receipts(self) -> list[dict]:
         with self.engine.connect() as conn:
             return [json.loads(t) for t in conn.execute(select(ledger.c.receipt).order_by(ledger.c.created_at)).scalars()]
+
+    def receipt_in(self, conn: Connection, request_id: str) -> dict | None:
+        text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id)).scalar()
+        return json.loads(text) if text else None
+
+    # -- idempotency --------------------------------------------------------------------------------
+    def idempotent(self, conn: Connection, key: str) -> dict | None:
+        """{fingerprint, request_id} stored under an idempotency key, or None."""
+        row = conn.execute(select(idempotency).where(idempotency.c.key == key)).first()
+        return row._asdict() if row else None
+
+    def add_idempotent(self, conn: Connection, key: str, fingerprint: str, request_id: str) -> None:
+        conn.execute(idempotency.insert().values(key=key, fingerprint=fingerprint, request_id=request_id,
+                                                 created_at=utcnow()))
+
+    # -- capacity inputs ----------------------------------------------------------------------------
+    def live_counts(self) -> dict[tuple[int, int], int]:
+        """Live records per (shard, slice)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(records.c.shard, records.c.slice, func.count())
+                                .where(records.c.deleted_in.is_(None)).group_by(records.c.shard, records.c.slice))
+            return {(shard, sl): n for shard, sl, n in rows}
+
+    def deleted_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(records.c.id).where(records.c.deleted_in.is_not(None))).scalars())
+
+    # -- service tokens -----------------------------------------------------------------------------
+    def add_token(self, conn: Connection, **row) -> None:
+        conn.execute(tokens.insert().values(created_at=utcnow(), **row))
+
+    def tokens(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [r._asdict() for r in conn.execute(select(tokens).order_by(tokens.c.created_at))]
+
+    def token_by_secret(self, secret_sha256: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(tokens).where(tokens.c.secret_sha256 == secret_sha256)).first()
+        return row._asdict() if row else None
+
+    def revoke_token(self, conn: Connection, token_id: str) -> bool:
+        """Mark a token revoked; False if no live token has this id."""
+        done = conn.execute(update(tokens).where(tokens.c.id == token_id, tokens.c.revoked_at.is_(None))
+                            .values(revoked_at=utcnow()))
+        return done.rowcount > 0
+
+    def usage(self, token_id: str, day: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(token_usage.c.used).where(token_usage.c.token_id == token_id,
+                                                                 token_usage.c.day == day)).scalar() or 0
+
+    def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
+        done = conn.execute(update(token_usage).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
+                            .values(used=token_usage.c.used + items))
+        if done.rowcount == 0:
+            conn.execute(token_usage.insert().values(token_id=token_id, day=day, used=items))
+
+    # -- flagged deletion requests ------------------------------------------------------------------
+    def add_flagged(self, conn: Connection, **row) -> None:
+        conn.execute(flagged.insert().values(created_at=utcnow(), **row))
+
+    def flagged(self, conn: Connection | None = None, *, flag_id: str | None = None, status: str | None = None,
+                idempotency_key: str | None = None) -> list[dict]:
+        q = select(flagged).order_by(flagged.c.created_at)
+        if flag_id is not None:
+            q = q.where(flagged.c.id == flag_id)
+        if status is not None:
+            q = q.where(flagged.c.status == status)
+        if idempotency_key is not None:
+            q = q.where(flagged.c.idempotency_key == idempotency_key)
+        if conn is not None:
+            return [r._asdict() for r in conn.execute(q)]
+        with self.engine.connect() as c:
+            return [r._asdict() for r in c.execute(q)]
+
+    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> None:
+        conn.execute(update(flagged).where(flagged.c.id == flag_id).values(decided_at=utcnow(), **values))

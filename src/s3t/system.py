@@ -18,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, NeedsRestoreError, NotTrainedError, PlanError, RunExistsError, RunNotFoundError
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunExistsError,
+                     RunNotFoundError)
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
 from .records import Dataset, check_labels
 from .registry import Registry
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, delete, rebuild
+from .unlearning import Receipt, delete, preview, rebuild
 
-__all__ = ["S3T", "ShardStatus", "Status"]
+__all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
 
 RUN_FILE = "run.json"
 DB_FILE = "registry.sqlite"
@@ -60,6 +61,15 @@ class Status:
         return any(s.served_depth > 0 for s in self.shards)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted labels and class probabilities, with the served-set version that produced them."""
+
+    labels: tuple[str, ...]          # one predicted label name per text
+    probabilities: np.ndarray        # (texts, len(S3T.labels)), columns in S3T.labels order
+    served_version: int
+
+
 class S3T:
     """A trained (or trainable) S3T model stored in a run folder. Use `create` or `open`."""
 
@@ -90,7 +100,9 @@ class S3T:
         blocks = count_blocks(model_path)
         plan.blocks_for(blocks)
         plan.check_dataset_size(len(data))
-        assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices)
+        assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices,
+                               placement=plan.placement, risky_slices=plan.risky_slices,
+                               risk_threshold=plan.risk_threshold)
         sizes = slice_sizes(assignment, num_shards=plan.num_shards, num_slices=plan.num_slices)
         if (sizes == 0).any():
             shard, slice_ = (int(v) for v in np.argwhere(sizes == 0)[0])
@@ -128,6 +140,7 @@ class S3T:
             raise RunNotFoundError(f"no s3t run at {run_dir} (missing {RUN_FILE}); create one with `s3t train`")
         info = json.loads((run_dir / RUN_FILE).read_text())
         registry = Registry(info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}")
+        registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
         return cls(run_dir, Plan.from_json(registry.get_meta("plan")), registry)
 
     def close(self) -> None:
@@ -150,10 +163,11 @@ class S3T:
                 raise IntegrityError(f"the base model at {path} changed since this run was created; "
                                      "its artifacts were trained on the old one: create a new run")
             p, blocks = self.plan, count_blocks(path)
-            backbone = Backbone(path, num_groups=p.num_slices, blocks_per_group=p.blocks_for(blocks),
+            groups = p.num_slices if p.method == "s3t" else 1   # SISA: one group over every adapted block
+            backbone = Backbone(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
                                 num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
                                 lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
-            boundaries = [backbone.group_start(g) for g in range(1, p.num_slices + 1)]
+            boundaries = [backbone.group_start(g) for g in range(1, groups + 1)]
             cache = TrunkCache(self.run_dir, boundaries=boundaries,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries))
             self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
@@ -181,6 +195,14 @@ class S3T:
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities (len(texts), len(labels)) from the served shards, aggregated by the plan."""
+        return self.classify(texts, batch_size=batch_size).probabilities
+
+    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> Prediction:
+        """Labels and probabilities, with the served-set version used.
+
+        The served set is read from the registry when the call starts, so a call that starts after a
+        deletion returned uses the served set that deletion chose.
+        """
         from .inference import aggregate, shard_logits
 
         texts = _check_texts(texts)
@@ -191,10 +213,11 @@ class S3T:
             raise NeedsRestoreError("deletions took every shard out of the ensemble: the model needs restoring "
                                     "(call restore() or `s3t restore`)")
         if not texts:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return Prediction((), np.zeros((0, len(self.labels)), dtype=np.float32), version)
         trainer = self.trainer
         logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
-        return aggregate(logits, self.plan.aggregation)
+        proba = aggregate(logits, self.plan.aggregation)
+        return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
         """Predicted label names."""
@@ -213,18 +236,41 @@ class S3T:
             raise DataError("`ids` must be a list of record ids, not a single string; wrap it: [id]")
         return {i: (shard, sl) for i, (shard, sl, _deleted) in self.registry.locate(list(ids)).items()}
 
-    def delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None) -> Receipt:
-        """Forget records and/or all records of data subjects, at once and exactly (no training)."""
-        for name, values in (("ids", ids), ("subjects", subjects)):
-            if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
-                raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
-        if not ids and not subjects:
-            raise DataError("a deletion needs at least one id or subject")
+    def delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None,
+               idempotency_key: str | None = None, requested_by: str | None = None) -> Receipt:
+        """Forget records and/or all records of data subjects, at once and exactly (no training).
+
+        A repeated `idempotency_key` returns the first request's receipt (a different request under
+        the same key raises ConflictError); `requested_by` is recorded in the receipt.
+        """
+        _check_request(ids, subjects)
         from .cache import erase_records
 
-        key = bytes.fromhex(self.registry.get_meta("ledger_key"))
-        return delete(self.registry, key, ids=ids, subjects=subjects, reference=reference,
-                      erase_derived=lambda erased: erase_records(self.run_dir, erased))
+        return delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
+                      erase_derived=lambda erased: erase_records(self.run_dir, erased),
+                      idempotency_key=idempotency_key, requested_by=requested_by)
+
+    def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
+        """What `delete` would do to each shard's served depth and capacity, without deleting anything."""
+        _check_request(ids, subjects)
+        return preview(self.registry, self._ledger_key(), ids=ids, subjects=subjects)
+
+    def receipt(self, request_id: str) -> Receipt:
+        """The stored receipt of one deletion request."""
+        data = self.registry.receipt(request_id)
+        if data is None:
+            raise NotFoundError(f"no deletion request {request_id!r} in the ledger of {self.run_dir}; "
+                                "list receipts with S3T.receipts()")
+        return Receipt.from_dict(data)
+
+    def idempotent_receipt(self, idempotency_key: str) -> Receipt | None:
+        """The receipt stored under an idempotency key, or None if the key is new."""
+        with self.registry.engine.connect() as conn:
+            seen = self.registry.idempotent(conn, idempotency_key)
+            return Receipt.from_dict(self.registry.receipt_in(conn, seen["request_id"])) if seen else None
+
+    def _ledger_key(self) -> bytes:
+        return bytes.fromhex(self.registry.get_meta("ledger_key"))
 
     def receipts(self) -> list[Receipt]:
         """Every deletion receipt in the ledger, oldest first."""
@@ -253,6 +299,14 @@ class S3T:
                       truncated_orders=sum(o["depth"] < len(o["slices"]) for o in orders), shards=tuple(shards))
 
 
+def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
+    for name, values in (("ids", ids), ("subjects", subjects)):
+        if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+            raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
+    if not ids and not subjects:
+        raise DataError("a deletion needs at least one id or subject")
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         raise DataError("`texts` must be a list of strings, not a single string; wrap it: [text]")
@@ -269,16 +323,16 @@ class _progress:
     def __init__(self, enabled: bool, description: str, total: int) -> None:
         self.enabled, self.description, self.total = enabled and total > 0, description, total
 
-    def __enter__(self) -> Callable[[], None]:
+    def __enter__(self) -> Callable[[str], None]:
         if not self.enabled:
-            return lambda: None
+            return lambda done: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("stages"), TimeElapsedColumn())
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
-        return lambda: self.bar.advance(task)
+        return lambda done: self.bar.update(task, advance=1, description=f"{self.description}: {done}")
 
     def __exit__(self, *exc) -> None:
         if self.enabled:

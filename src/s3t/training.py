@@ -84,18 +84,21 @@ class Trainer:
         """
         bb = self.backbone
         seed = stage_seed(lineage)
+        # S3T: stage i trains group i from a fresh init. SISA (one group): every stage continues group 1.
+        group = bb.groups_at(stage)
         # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for parent in parents:          # group i + head of stage i; the last one leaves head = stage-1's
                 bb.load_state(self.load(parent))
-            bb.reset_group(stage)
+            if group == stage:
+                bb.reset_group(group)
             if stage == 1:
                 bb.reset_head()
-            bb.set_depth(stage, train_group=stage)
-            frozen = {g: bb.group_state(g) for g in range(1, stage)}
-            start = bb.group_start(stage)
-            optimizer = torch.optim.AdamW(bb.trainable_parameters(stage), lr=self.learning_rate)
+            bb.set_depth(group, train_group=group)
+            frozen = {g: bb.group_state(g) for g in range(1, group)}
+            start = bb.group_start(group)
+            optimizer = torch.optim.AdamW(bb.trainable_parameters(group), lr=self.learning_rate)
             losses = []
             for epoch in range(self.epochs):
                 order = epoch_order(ids, seed=seed, epoch=epoch)
@@ -116,10 +119,10 @@ class Trainer:
                 after = bb.group_state(g)
                 assert all(torch.equal(before[k], after[k]) for k in before), f"stage {stage} changed group {g}"
             bb.set_depth(0)
-            return StageResult({**bb.group_state(stage), **bb.head_state()}, losses)
+            return StageResult({**bb.group_state(group), **bb.head_state()}, losses)
 
     # -- orders -------------------------------------------------------------------------------------
-    def complete(self, shard: int, orders: Sequence[dict], *, on_stage: Callable[[], None] = lambda: None,
+    def complete(self, shard: int, orders: Sequence[dict], *, on_stage: Callable[[str], None] = lambda done: None,
                  on_order: Callable[[dict, list[str]], None]) -> None:
         """Bring `orders` of one shard to full depth on the shard's current live data.
 
@@ -141,7 +144,7 @@ class Trainer:
                     result = self.train_stage(stage=stage, lineage=lineages[stage - 1],
                                               parents=lineages[:stage - 1], ids=ids, targets=targets)
                     self.register(stage, lineages[stage - 1], result, ids)
-                    on_stage()
+                    on_stage(f"shard {shard} order {order['position']} stage {stage}")
             except CacheMiss:
                 continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
             on_order(order, lineages)

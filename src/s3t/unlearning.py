@@ -4,12 +4,14 @@
 truncates the orders of the shards they sat in, switches the served set and proves, from the stored
 lineage, that no served artifact saw a deleted id. `rebuild` brings truncated orders back to full depth
 on the current data (it is also how a run is first trained), switching the served set order by order.
+`preview` says what a deletion would do to each shard without doing it (the service's abuse guard).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -17,14 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .errors import IntegrityError
+from .errors import ConflictError, IntegrityError
 from .registry import Registry, utcnow
-from .truncation import choose_served, truncate
+from .truncation import choose_served, deletions_to_drop, truncate
 
 if TYPE_CHECKING:
     from .training import Trainer
 
-__all__ = ["Receipt", "delete", "rebuild", "served_component", "subject_digest"]
+__all__ = ["Receipt", "delete", "preview", "rebuild", "served_component", "subject_digest"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Receipt:
     served_artifacts: tuple[str, ...]
     lineage_check: str
     duration_ms: float
+    requested_by: str | None = None   # who asked: e.g. the service token's id (never its secret)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,18 +90,37 @@ def _serve(registry: Registry, conn, served: tuple[int, list[dict]], shard_order
     return version + 1, new
 
 
+def request_fingerprint(key: bytes, *, ids: Sequence[str], subjects: Sequence[str], reference: str | None) -> str:
+    """A keyed hash of what a deletion request asks for (order and repeats do not matter)."""
+    payload = {"ids": sorted(set(ids)), "subjects": sorted({subject_digest(key, s) for s in subjects}),
+               "reference": reference}
+    return hmac.new(key, json.dumps(payload, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
-           reference: str | None = None, erase_derived: Callable[[list[str]], None] = lambda ids: None) -> Receipt:
+           reference: str | None = None, erase_derived: Callable[[list[str]], None] = lambda ids: None,
+           idempotency_key: str | None = None, requested_by: str | None = None) -> Receipt:
     """Delete records and/or every record of data subjects; effective when this returns.
 
     `erase_derived(ids)` removes what was computed from the records' content outside the database
     (the trunk cache); it runs before the commit, so an acknowledged deletion has left no copy behind.
+    A repeated `idempotency_key` returns the receipt stored under it and deletes nothing; the key is
+    written in the deletion's own transaction, so a request is never applied twice. `requested_by`
+    is stored in the receipt, and the request's ids + subjects count towards that requester's usage
+    for the day (UTC), in the same transaction.
     """
     started = time.perf_counter()
     request_id, created_at = uuid.uuid4().hex, utcnow()
     ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
     digests = {s: subject_digest(key, s) for s in subjects}
+    fingerprint = request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
     with registry.transaction() as conn:
+        # 0. A key seen before answers with its stored receipt (checked under the write lock: no race).
+        if idempotency_key is not None and (seen := registry.idempotent(conn, idempotency_key)) is not None:
+            if seen["fingerprint"] != fingerprint:
+                raise ConflictError(f"idempotency key {idempotency_key!r} was used for a different request "
+                                    f"({seen['request_id']}); use a new key for a new request")
+            return Receipt.from_dict(registry.receipt_in(conn, seen["request_id"]))
         # 1. Resolve the request by key (ids, subjects, tombstoned subject digests): no scan of the data.
         rows = registry.find_records(conn, ids=ids, subjects=subjects, subject_digests=list(digests.values()))
         live = [r for r in rows if r["deleted_in"] is None]
@@ -140,17 +162,50 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
             served_version=version, served_artifacts=tuple(served_artifacts),
             lineage_check=(f"passed: none of the {len(served_artifacts)} served artifacts has any of the "
                            f"{len(named)} named ids in its recorded lineage"),
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3), requested_by=requested_by,
         )
         # 6. Shred derived copies (cached hidden states) before committing: a crash here leaves the
         #    records live and the cache merely cold, never a deleted record's trace behind an acknowledgement.
         erase_derived([r["id"] for r in live])
         # 7. The ledger entry commits with everything above: acknowledged means durable.
         registry.add_receipt(conn, request_id, created_at, receipt.to_dict())
+        if idempotency_key is not None:
+            registry.add_idempotent(conn, idempotency_key, fingerprint, request_id)
+        if requested_by is not None:   # per-requester daily counts (the service's quotas), exact after a crash
+            registry.add_usage(conn, requested_by, created_at[:10], len(ids) + len(subjects))
     return receipt
 
 
-def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[], None] = lambda: None) -> int:
+def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
+    """What `delete` would do, without doing it: {records, shards: [{shard, depth_before, depth_after,
+    capacity_before, capacity_after}]} for every shard holding a live record of the request.
+
+    Capacity is `deletions_to_drop`: the fewest further deletions that take the shard out of the ensemble.
+    """
+    digests = [subject_digest(key, s) for s in subjects]
+    with registry.engine.connect() as conn:
+        rows = registry.find_records(conn, ids=list(ids), subjects=list(subjects), subject_digests=digests)
+        live = [r for r in rows if r["deleted_in"] is None]
+        hit: dict[int, set[int]] = defaultdict(set)
+        for r in live:
+            hit[r["shard"]].add(r["slice"])
+        by_shard: dict[int, list[dict]] = defaultdict(list)
+        for o in registry.orders(conn, shards=hit):
+            by_shard[o["shard"]].append(o)
+    shards = []
+    for shard, shard_orders in sorted(by_shard.items()):
+        after = [dict(o, depth=truncate(o["slices"], o["depth"], hit[shard])) for o in shard_orders]
+        before_c, after_c = served_component(shard_orders), served_component(after)
+        shards.append({"shard": shard,
+                       "depth_before": before_c["depth"] if before_c else 0,
+                       "depth_after": after_c["depth"] if after_c else 0,
+                       "capacity_before": deletions_to_drop([o["slices"] for o in shard_orders],
+                                                            [o["depth"] for o in shard_orders]),
+                       "capacity_after": deletions_to_drop([o["slices"] for o in after], [o["depth"] for o in after])})
+    return {"records": len(live), "shards": shards}
+
+
+def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None) -> int:
     """Train every order that is below full depth on the current data; return how many were completed.
 
     After each order, one transaction re-checks that none of its artifacts saw a record deleted while it

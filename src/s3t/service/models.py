@@ -1,0 +1,156 @@
+"""Request and response schemas of the HTTP API (they are its OpenAPI document).
+
+Hard limits per request: 256 texts of at most 10,000 characters; 1,000 ids + subjects of at most 512
+characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints, model_validator
+
+__all__ = ["PredictRequest", "PredictResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
+           "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut", "HealthResponse",
+           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
+
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 10_000
+MAX_ITEMS = 1_000
+MAX_ID_CHARS = 512        # the registry's column width
+MAX_REFERENCE_CHARS = 200
+
+
+def _encodable(value: str) -> str:
+    """Refuse strings that are not valid Unicode text (JSON may carry lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the string holds an unpaired surrogate (\\ud800-\\udfff): send valid UTF-8 text") from None
+    return value
+
+
+Text = Annotated[StrictStr, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable)]
+Item = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_encodable)]
+Reference = Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE_CHARS), AfterValidator(_encodable)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Strict):
+    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS, description="Texts to classify.")
+
+
+class PredictionOut(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictResponse(BaseModel):
+    served_version: int = Field(description="Version of the served set that produced these predictions.")
+    labels: list[str] = Field(description="All label names, in the order of the model's classes.")
+    predictions: list[PredictionOut]
+
+
+class DeletionRequest(_Strict):
+    ids: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS, description="Record ids to forget.")
+    subjects: list[Item] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                 description="Data subjects whose every record is forgotten.")
+    reference: Reference | None = Field(default=None, description="Your reference (e.g. a ticket number).")
+
+    @model_validator(mode="after")
+    def _size(self) -> "DeletionRequest":
+        if not self.ids and not self.subjects:
+            raise ValueError("give at least one of `ids` or `subjects`")
+        if len(self.ids) + len(self.subjects) > MAX_ITEMS:
+            raise ValueError(f"at most {MAX_ITEMS} ids + subjects per request; split the request")
+        return self
+
+
+class ShardChange(BaseModel):
+    shard: int
+    depth_before: int
+    depth_after: int
+
+
+class ReceiptOut(BaseModel):
+    """Proof of a deletion, as stored in the ledger (subjects appear only as keyed digests)."""
+
+    request_id: str
+    created_at: str
+    reference: str | None
+    deleted: list[str]
+    already_deleted: list[str]
+    unknown: list[str]
+    subjects: list[str]
+    unknown_subjects: list[str]
+    shards: list[ShardChange]
+    served_version: int
+    served_artifacts: list[str]
+    lineage_check: str
+    duration_ms: float
+    requested_by: str | None = None
+
+
+class FlagOut(BaseModel):
+    id: str
+    created_at: str
+    token_id: str | None
+    action: Literal["alert", "hold"]
+    status: Literal["pending", "applied", "rejected"]
+    reason: str
+    ids: list[str]
+    subjects: int
+    request_id: str | None
+    decided_at: str | None
+    decided_by: str | None
+    note: str | None
+
+
+class HeldResponse(BaseModel):
+    status: Literal["held"] = "held"
+    flag: FlagOut
+
+
+class ReviewDecision(_Strict):
+    note: Annotated[StrictStr, StringConstraints(max_length=1000), AfterValidator(_encodable)] | None = None
+
+
+class ShardOut(BaseModel):
+    shard: int
+    live_orders: int
+    orders: int
+    served_order: int | None
+    served_depth: int
+    deletions_to_drop: int
+
+
+class StatusResponse(BaseModel):
+    trained: bool
+    serving: bool
+    served_version: int
+    live_records: int
+    deleted_records: int
+    truncated_orders: int
+    capacity_left: int = Field(description="Fewest deletions that take some live shard out of the ensemble.")
+    shards: list[ShardOut]
+    restoration: dict[str, Any]
+    held_requests: int
+    model_loaded: bool
+
+
+class RestoreResponse(BaseModel):
+    restoration: dict[str, Any]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    served_version: int
+    model_loaded: bool
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="The error class, e.g. AuthError, DataError, RateLimitError.")
+    detail: Any

@@ -1,0 +1,35 @@
+"""Verification on load: a changed base model or an altered artifact is refused, never served."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import s3t
+
+
+def test_changed_base_model_is_refused(tmp_path, tiny_model, tiny_plan, tiny_data):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    system = s3t.S3T.create(tmp_path / "run", tiny_plan.replace(base_model=str(model)), tiny_data)
+    system.close()
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("}", ', "s3t_test_marker": 1}', 1))
+    reopened = s3t.S3T.open(tmp_path / "run")
+    with pytest.raises(s3t.IntegrityError, match="changed since this run was created"):
+        reopened.train(progress=False)
+    reopened.close()
+
+
+def test_altered_artifact_is_refused(trained, tiny_data):
+    _, components = trained.served()
+    lineage = components[0]["artifacts"][0]
+    path = trained.run_dir / "artifacts" / lineage[:2] / f"{lineage}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01   # flip one bit of the last weight
+    path.write_bytes(bytes(data))
+    fresh = s3t.S3T.open(trained.run_dir)   # a new process would verify on first load
+    with pytest.raises(s3t.IntegrityError, match="does not match its recorded hash"):
+        fresh.predict(list(tiny_data.texts[:2]))
+    fresh.close()
