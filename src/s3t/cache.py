@@ -19,8 +19,10 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TrunkCache", "CacheMiss", "cache_key", "erase_records"]
 
@@ -82,12 +84,18 @@ class TrunkCache:
                         _shred(f)
                     shutil.rmtree(stale, ignore_errors=True)
 
+    def shred(self, ids: Sequence[str]) -> None:
+        """Shred the cached states of these records (under this key)."""
+        for rid in ids:
+            _shred(_record_file(self.root, rid))
+
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if not _record_file(self.root, i).is_file()]
 
     def fill(self, backbone, ids: Sequence[str], text_of: Callable[[str], str],
              on_batch: Callable[[int], None] = lambda n: None) -> None:
         """Compute and store the hidden states of `ids` (those not cached yet)."""
+        import torch
         from safetensors.torch import save_file
 
         todo = self.missing(ids)
@@ -116,6 +124,7 @@ class TrunkCache:
 
     def load(self, ids: Sequence[str], boundary: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (B, T, H) at block `boundary`, attention mask (B, T)) for a batch of records."""
+        import torch
         from safetensors import safe_open
 
         k = self._index[boundary]

@@ -133,6 +133,11 @@ class Trainer:
         rows = self.registry.texts_and_labels([i for ids in members.values() for i in ids])
         label_index = {label: k for k, label in enumerate(self.labels)}
         self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])
+        # A deletion that shredded a record while `fill` was computing it may have been overwritten by
+        # `fill`'s write: shred again whatever is deleted by now (later deletions find the file and shred it).
+        erased = [i for i, (_shard, _slice, deleted) in self.registry.locate(sorted(rows)).items() if deleted]
+        if erased:
+            self.cache.shred(erased)
         targets = {i: label_index[label] for i, (_text, label) in rows.items()}
         for order in orders:
             lineages = self.lineages(order["slices"], members)
