@@ -190,7 +190,14 @@ class S3T:
         todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
         with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
-            return rebuild(self.registry, trainer, on_stage=advance)
+            completed = rebuild(self.registry, trainer, on_stage=advance)
+        # A deletion from another process can shred a record's cached state between the moment the cache
+        # fill computed it and the moment the fill wrote it. The trainer re-shreds right after each fill;
+        # this last sweep, once no fill runs any more, closes that window for good.
+        from .cache import erase_records
+
+        erase_records(self.run_dir, self.registry.deleted_ids())
+        return completed
 
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:

@@ -172,15 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return BUSY
-        from ..cache import erase_records   # heavy imports only once the lock is ours
-        from ..system import S3T
+        from ..system import S3T   # heavy imports only once the lock is ours
 
         system = S3T.open(args.run_dir)
         try:
             completed = system.restore(progress=False)
-            # A deletion that landed while this run filled the trunk cache may have shredded a record's
-            # cached state just before this process wrote it again: shred every deleted record's state.
-            erase_records(system.run_dir, system.registry.deleted_ids())
         finally:
             system.close()
     print(json.dumps({"completed": completed}), flush=True)

@@ -1,0 +1,170 @@
+"""Commands over one run: the demo, train, predict, delete, status and restore."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import S3TError
+from .common import AsJson, RunDir, app, console, depths, open_run, user_errors
+
+
+def _load_data(path: str):
+    from ..datasets import bbc_news
+    from ..errors import DataError
+    from ..records import Dataset
+
+    if path == "bbc-news":
+        return bbc_news()
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return Dataset.from_jsonl(path)
+    if suffix == ".csv":
+        return Dataset.from_csv(path)
+    raise DataError(f"--data {path!r}: use a .jsonl or .csv file, or `bbc-news` for the bundled set")
+
+
+def _lines(path: Path) -> list[str]:
+    from ..errors import DataError
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@app.command()
+@user_errors
+def demo(run_dir: Annotated[Optional[Path], typer.Option(help="Keep the run here (default: a temp folder).")] = None,
+         deletions: Annotated[int, typer.Option(min=1, help="Single-record deletions to make.")] = 5) -> None:
+    """Train on BBC News with the embedded MiniLM, delete records and a subject, restore.
+
+    Example: s3t demo
+    """
+    import tempfile
+
+    from ..demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="s3t-demo-") as tmp:
+        run_demo(run_dir or Path(tmp) / "run", deletions=deletions, console=console)
+
+
+@app.command()
+@user_errors
+def train(run_dir: RunDir,
+          data: Annotated[Optional[str], typer.Option(help="Records: .jsonl or .csv with id,text,label[,subject], or `bbc-news`.")] = None,
+          plan: Annotated[Optional[Path], typer.Option(help="Plan TOML file (default: s3t.Plan()).")] = None,
+          quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
+    """Create a run from --data and train it, or resume training an existing run.
+
+    Example: s3t train runs/news --data train.jsonl --plan plan.toml
+    """
+    from ..plan import Plan
+    from ..system import RUN_FILE, S3T
+
+    if (run_dir / RUN_FILE).exists():
+        if data is not None or plan is not None:
+            raise S3TError(f"{run_dir} already holds a run; resume it with `s3t train {run_dir}` "
+                           "(no --data/--plan) or choose a new folder")
+        system = S3T.open(run_dir)
+    elif data is None:
+        raise S3TError(f"no run at {run_dir} yet: give --data FILE to create one")
+    else:
+        system = S3T.create(run_dir, Plan.from_toml(plan) if plan else Plan(), _load_data(data))
+    system.train(progress=not quiet)
+    console.print(f"trained {run_dir}: {depths(system)}", markup=False)
+
+
+@app.command()
+@user_errors
+def predict(run_dir: RunDir, texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+            file: Annotated[Optional[Path], typer.Option(help="Read texts from a file, one per line ('-': stdin).")] = None,
+            as_json: AsJson = False) -> None:
+    """Predict labels with the served ensemble.
+
+    Example: s3t predict runs/news "Shares rose sharply after the results"
+    """
+    items = list(texts or []) + (_lines(file) if file else [])
+    if not items:
+        raise S3TError("give texts to classify as arguments or with --file")
+    system = open_run(run_dir)
+    proba = system.predict_proba(items)
+    labels = [system.labels[k] for k in proba.argmax(axis=1)]
+    if as_json:
+        print(json.dumps([{"label": lab, "probabilities": dict(zip(system.labels, map(float, p)))}
+                          for lab, p in zip(labels, proba)], indent=2))
+    else:
+        for lab in labels:
+            print(lab)
+
+
+@app.command()
+@user_errors
+def delete(run_dir: RunDir,
+           id: Annotated[Optional[list[str]], typer.Option("--id", help="Record id to delete (repeatable).")] = None,
+           subject: Annotated[Optional[list[str]], typer.Option("--subject", help="Delete all records of this data subject (repeatable).")] = None,
+           file: Annotated[Optional[Path], typer.Option(help="File of record ids, one per line ('-': stdin).")] = None,
+           reference: Annotated[Optional[str], typer.Option(help="Your reference for the request (ticket number).")] = None,
+           as_json: AsJson = False) -> None:
+    """Forget records or data subjects at once and exactly; prints the receipt.
+
+    Example: s3t delete runs/news --id rec-17 --subject user-42
+    """
+    ids = list(id or []) + (_lines(file) if file else [])
+    receipt = open_run(run_dir).delete(ids=ids, subjects=list(subject or []), reference=reference)
+    if as_json:
+        print(json.dumps(receipt.to_dict(), indent=2))
+        return
+    console.print(f"request {receipt.request_id}: deleted {len(receipt.deleted)}, already deleted "
+                  f"{len(receipt.already_deleted)}, unknown ids {list(receipt.unknown)}, unknown subjects "
+                  f"{len(receipt.unknown_subjects)}; served set v{receipt.served_version}; {receipt.duration_ms:.1f} ms",
+                  markup=False)
+    for s in receipt.shards:
+        console.print(f"  shard {s['shard']}: depth {s['depth_before']} -> {s['depth_after']}")
+    console.print(f"  lineage check {receipt.lineage_check}")
+
+
+@app.command()
+@user_errors
+def status(run_dir: RunDir, as_json: AsJson = False) -> None:
+    """Show shards, live orders, served depths and how many deletions each shard can still absorb.
+
+    Example: s3t status runs/news
+    """
+    from dataclasses import asdict
+
+    st = open_run(run_dir).status()
+    if as_json:
+        print(json.dumps(asdict(st) | {"serving": st.serving}, indent=2))
+        return
+    table = Table("shard", "live orders", "served order", "served depth", "deletions to drop",
+                  title=f"{escape(str(run_dir))}: {st.live_records} live / {st.deleted_records} deleted records, "
+                        f"served set v{st.served_version}")
+    for s in st.shards:
+        table.add_row(str(s.shard), f"{s.live_orders}/{s.orders}", str(s.served_order), str(s.served_depth),
+                      str(s.deletions_to_drop))
+    console.print(table)
+    if not st.trained:
+        console.print(f"not trained yet: run `s3t train {run_dir}`", markup=False)
+    elif st.truncated_orders:
+        console.print(f"{st.truncated_orders} truncated orders: `s3t restore {run_dir}` retrains them", markup=False)
+
+
+@app.command()
+@user_errors
+def restore(run_dir: RunDir, quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
+    """Retrain truncated orders on the current data, switching each in when done.
+
+    Example: s3t restore runs/news
+    """
+    system = open_run(run_dir)
+    done = system.restore(progress=not quiet)
+    console.print(f"restored {done} orders: {depths(system)}", markup=False)
+
