@@ -1,6 +1,6 @@
 """Accuracy under deletion: S3T against SISA, full retraining and a plain fine-tune, on the same requests.
 
-    python benchmarks/deletions.py                 # BBC News, demo plan (m=2, L=3), 15 requests, every 3: ~35 min
+    python benchmarks/deletions.py                 # BBC News, demo plan (m=2, L=3), 15 requests, every 3
     python benchmarks/deletions.py --quick         # 240 records, 4 requests: an end-to-end check (~3 min)
     python benchmarks/deletions.py --data my.jsonl --plan plan.toml --deletions 20 --every 4
 
@@ -12,6 +12,8 @@ Methods, all on the engine (the plan's m and L, trained on the same training spl
 - S3T B=b:      b in {1, ceil(L/2), L}; a deletion only truncates (latency = the receipt's time, no training);
 - full retrain: the fine-tune retrained from scratch on the reduced data. To fit the budget it is retrained
                 only at the evaluation checkpoints; each request is charged the retrain time measured there.
+- S3T B=L BMS, S3T B=L prior-aware: trained knowing the hot sequence's prior (BMS from each slice's share of
+                the request weight; prior-aware placement from each subject's risk) and replayed on it only.
 
 Two request sequences, applied identically to every method: one record at a time, uniform over the training
 records; and whole data subjects, where 10% of the subjects send 50% of the requests (the capacity
@@ -40,6 +42,7 @@ import s3t
 from s3t import Dataset, Plan
 
 FINE_TUNE, SISA, RETRAIN = "fine-tune", "SISA", "full retrain"
+UNIFORM, HOT = "uniform records", "hot subjects"
 HOT_FRACTION, HOT_SHARE = 0.1, 0.5   # the skewed sequence: 10% of subjects send 50% of requests
 QUICK_RECORDS, QUICK_TEST = 240, 100
 
@@ -65,39 +68,78 @@ def with_subjects(data: Dataset, num_subjects: int) -> Dataset:
                                       risk=r.risk) for r in data])
 
 
+def hot_weights(train: Dataset, *, seed: int) -> dict[str, float]:
+    """Request weight of every subject under the skewed model: a seeded 10% of them send 50% of requests.
+
+    The weights are the capacity simulator's (`Requests(distribution="hot")`), so the two agree.
+    """
+    from s3t.capacity import Requests
+
+    subjects = sorted({r.subject for r in train if r.subject is not None})
+    random.Random(seed + 1).shuffle(subjects)   # which subjects are hot
+    weights = Requests(distribution="hot", population=len(subjects), hot_fraction=HOT_FRACTION,
+                       hot_share=HOT_SHARE).weights()
+    return dict(zip(subjects, weights.tolist()))
+
+
 def deletion_sequences(train: Dataset, n: int, *, seed: int) -> dict[str, list[Request]]:
     """The two request sequences: uniform over records, and hot subjects (whole subjects, skewed)."""
     import numpy as np
 
-    from s3t.capacity import Requests
-
     ids = sorted(train.ids)
-    subjects = sorted({r.subject for r in train if r.subject is not None})
-    if n > len(ids) or n > len(subjects):
-        raise s3t.DataError(f"{n} requests per sequence is more than the {len(ids)} records or {len(subjects)} "
+    weights = hot_weights(train, seed=seed)
+    if n > len(ids) or n > len(weights):
+        raise s3t.DataError(f"{n} requests per sequence is more than the {len(ids)} records or {len(weights)} "
                             "subjects of the training split; lower --deletions")
     uniform = [Request("id", i) for i in random.Random(seed).sample(ids, n)]
-    # Which subjects are hot is a seeded shuffle; weights are the simulator's, so the two agree.
-    random.Random(seed + 1).shuffle(subjects)
-    weights = Requests(distribution="hot", population=len(subjects), hot_fraction=HOT_FRACTION,
-                       hot_share=HOT_SHARE).weights()
     # Without replacement, probability proportional to weight: sort by exponential keys E / w.
-    keys = np.random.default_rng(seed).exponential(size=len(subjects)) / weights
+    subjects, w = list(weights), np.array(list(weights.values()))
+    keys = np.random.default_rng(seed).exponential(size=len(subjects)) / w
     hot = [Request("subject", subjects[k]) for k in np.argsort(keys, kind="stable")[:n]]
-    return {"uniform records": uniform, "hot subjects": hot}
+    return {UNIFORM: uniform, HOT: hot}
+
+
+def with_hot_prior(train: Dataset, weights: dict[str, float]) -> Dataset:
+    """`train` with each record's `risk` set from its subject's request weight w: w / (w + mean w).
+
+    This is the simulator's risk (0.5 for everyone under a uniform prior); hot subjects' records get about
+    0.83 and the others about 0.36, so prior-aware placement moves exactly the hot subjects' records.
+    """
+    mean = sum(weights.values()) / len(weights)
+    return Dataset.from_records([dict(id=r.id, text=r.text, label=r.label, subject=r.subject,
+                                      risk=weights[r.subject] / (weights[r.subject] + mean)) for r in train])
 
 
 def method_plans(plan: Plan, *, budgets: Sequence[int] | None = None) -> dict[str, Plan]:
     """The plan of every trained method, derived from the S3T plan (same m, L, LoRA and optimiser)."""
     L = plan.num_slices
     adapted = L * _blocks_per_slice(plan.base_model, plan)
-    base = plan.replace(method="s3t")
-    plans = {FINE_TUNE: base.replace(num_shards=1, num_slices=1, budget=1, blocks_per_slice=adapted,
-                                     selection="cyclic", deletion_prior=None, placement="hash"),
+    base = plan.replace(method="s3t", selection="cyclic", deletion_prior=None, placement="hash")
+    plans = {FINE_TUNE: base.replace(num_shards=1, num_slices=1, budget=1, blocks_per_slice=adapted),
              SISA: base.replace(method="sisa", budget=1)}
     for b in sorted(set(budgets or (1, math.ceil(L / 2), L))):
         plans[f"S3T B={b}"] = base.replace(budget=b)
     return plans
+
+
+def prior_plans(plan: Plan, train: Dataset, weights: dict[str, float]) -> dict[str, Plan]:
+    """S3T B=L under the skewed prior: BMS given the per-slice prior the requests imply, and prior-aware placement.
+
+    BMS gets what the capacity simulator gives it: each slice's share of the request weight, summed over
+    shards, on the plan's hash placement. Both are compared with cyclic "S3T B=L" on the hot sequence.
+    """
+    from s3t.partition import partition
+
+    L = plan.num_slices
+    base = plan.replace(method="s3t", budget=L, selection="cyclic", deletion_prior=None, placement="hash")
+    cells = partition(train, seed=base.seed, num_shards=base.num_shards, num_slices=L)
+    mass, seen = [0.0] * L, set()
+    for r in train:   # a subject's records share one cell: count each subject's weight once
+        if r.subject not in seen:
+            seen.add(r.subject)
+            mass[cells[r.id][1]] += weights[r.subject]
+    return {f"S3T B={L} BMS": base.replace(selection="bms", deletion_prior=tuple(mass)),
+            f"S3T B={L} prior-aware": base.replace(placement="prior_aware")}
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
@@ -161,12 +203,14 @@ def _copy_run(src: Path, dst: Path, *, with_cache: bool) -> Path:
 # -- the experiment -------------------------------------------------------------------------------------------
 def run_experiment(train: Dataset, test: Dataset, plan: Plan, sequences: dict[str, list[Request]], *,
                    every: int, work_dir: Path, budgets: Sequence[int] | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   hot_prior: dict[str, float] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train every method once, replay each request sequence on a copy of each, and measure.
 
-    Returns JSON-ready {"plans", "training", "accuracy", "requests"}: per-method offline cost; accuracy
-    rows (sequence, method, deletions, accuracy or None with a note); one row per request and method
-    (latency, retraining work, live shards after it).
+    With `hot_prior` (subject -> request weight of the hot sequence), S3T B=L with BMS and with prior-aware
+    placement are trained for that prior and replayed on the hot sequence only.
+    Returns JSON-ready {"plans", "sequences_of", "training", "accuracy", "requests"}: per-method offline
+    cost; accuracy rows (sequence, method, deletions, accuracy or None with a note); one row per request and
+    method (latency, retraining work, live shards after it).
     """
     started = time.perf_counter()
 
@@ -174,11 +218,18 @@ def run_experiment(train: Dataset, test: Dataset, plan: Plan, sequences: dict[st
         log(f"[{time.perf_counter() - started:7.1f} s] {message}")
 
     plans = method_plans(plan, budgets=budgets)
+    data = dict.fromkeys(plans, train)
+    sequences_of = {name: list(sequences) for name in [*plans, RETRAIN]}
+    if hot_prior is not None and HOT in sequences:
+        prior = prior_plans(plan, train, hot_prior)
+        plans |= prior
+        data |= dict.fromkeys(prior, with_hot_prior(train, hot_prior))
+        sequences_of |= dict.fromkeys(prior, [HOT])
     score = _Scorer(test)
     training, runs = [], {}
     for name, p in plans.items():
         run_dir = work_dir / "trained" / name.replace(" ", "_").replace("=", "")
-        system = s3t.S3T.create(run_dir, p, train)
+        system = s3t.S3T.create(run_dir, p, data[name])
         t0 = time.perf_counter()
         system.train(progress=False)
         seconds = time.perf_counter() - t0
@@ -196,7 +247,7 @@ def run_experiment(train: Dataset, test: Dataset, plan: Plan, sequences: dict[st
             accuracy_rows.append(dict(sequence=seq, method=FINE_TUNE, deletions=0, accuracy=fine["accuracy"],
                                       live_shards=1, note="reference: cannot forget, not measured after deletions"))
     for seq_name, requests in sequences.items():
-        for name in [n for n in plans if n != FINE_TUNE] + [RETRAIN]:
+        for name in [n for n in plans if n != FINE_TUNE and seq_name in sequences_of[n]] + [RETRAIN]:
             source = runs[FINE_TUNE if name == RETRAIN else name]
             copy = _copy_run(source, work_dir / "replay" / f"{seq_name}-{source.name}".replace(" ", "_"),
                              with_cache=name in (SISA, RETRAIN))
@@ -209,7 +260,7 @@ def run_experiment(train: Dataset, test: Dataset, plan: Plan, sequences: dict[st
             final = acc[-1]
             say(f"{seq_name} / {name}: {len(requests)} requests, accuracy after them "
                 f"{'missing (no live shard)' if final['accuracy'] is None else round(final['accuracy'], 4)}")
-    return {"plans": {n: p.to_dict() for n, p in plans.items()}, "training": training,
+    return {"plans": {n: p.to_dict() for n, p in plans.items()}, "sequences_of": sequences_of, "training": training,
             "accuracy": accuracy_rows, "requests": deletion_rows}
 
 
@@ -343,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="s3t-deletions-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         results = run_experiment(train, test, plan, sequences, every=args.every, work_dir=work_dir,
-                                 budgets=args.budgets, log=lambda m: print(m, flush=True))
+                                 budgets=args.budgets, hot_prior=hot_weights(train, seed=args.seed),
+                                 log=lambda m: print(m, flush=True))
     machine["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     results.update(
         command=command, machine=machine, plan=plan.to_dict(), plan_toml=report.plan_toml(plan), data=data_name,

@@ -48,3 +48,30 @@ def test_every_method_is_measured_on_the_same_requests(bench, tiny_plan, tiny_da
     for r in results["accuracy"]:
         assert (r["accuracy"] is None) == (r["live_shards"] == 0)
         assert r["accuracy"] is not None or r["note"].startswith("missing")
+
+
+def test_prior_study_trains_bms_and_prior_aware_for_the_hot_sequence_only(bench, tiny_plan, tiny_data, tmp_path):
+    train, test = tiny_data.subset(tiny_data.ids[:64]).split(test_fraction=0.25, seed=0)
+    sequences = bench.deletion_sequences(train, 2, seed=0)
+    weights = bench.hot_weights(train, seed=0)
+    hot = {s for s, w in weights.items() if w > min(weights.values())}
+    assert {r.target for r in sequences[bench.HOT]} <= set(weights) and hot
+
+    plans = bench.prior_plans(tiny_plan, train, weights)
+    bms, aware = plans.values()
+    assert bms.selection == "bms" and aware.placement == "prior_aware" and bms.budget == aware.budget == 2
+    assert sum(bms.deletion_prior) == pytest.approx(sum(weights.values()))
+    # Risk is the simulator's w / (w + mean w): above the 0.5 threshold exactly for the hot subjects.
+    risky = {r.subject for r in bench.with_hot_prior(train, weights) if r.risk > aware.risk_threshold}
+    assert risky == hot & {r.subject for r in train}
+
+    results = bench.run_experiment(train, test, tiny_plan.replace(epochs=1), sequences, every=2, work_dir=tmp_path,
+                                   hot_prior=weights, log=lambda m: None)
+    for name in plans:
+        assert results["sequences_of"][name] == [bench.HOT]
+        assert {r["sequence"] for r in results["requests"] if r["method"] == name} == {bench.HOT}
+    # Prior-aware placement put every hot subject's records in the last slice of its shard.
+    system = bench.s3t.S3T.open(tmp_path / "trained" / "S3T_B2_prior-aware")
+    where = system.registry.locate([r.id for r in train if r.subject in hot])
+    system.close()
+    assert where and all(slice_ == tiny_plan.num_slices - 1 for _shard, slice_, _deleted in where.values())
