@@ -63,6 +63,7 @@ def main() -> None:
             batch_seconds.append(time.perf_counter() - t)
             assert len(receipt.deleted) == len(chunk)
         system.close()
+
     def summary(ms: list[float]) -> dict:
         if not ms:
             return {"count": 0}

@@ -94,8 +94,9 @@ def _cyclic(method: str) -> int | None:
     return int(b) if not head and b.isdigit() else None
 
 
-def _cyclic_capacity(results: dict, seq: str, budget: int, selection: str = "cyclic") -> dict | None:
-    return next((c for c in results["capacity"] if c.get("selection", "cyclic") == selection
+def _capacity(results: dict, seq: str, budget: int, selection: str = "cyclic") -> dict | None:
+    """The simulated capacity row of (sequence, budget, selection), if simulated."""
+    return next((c for c in results["capacity"] if c["selection"] == selection
                  and c["budget"] == budget and c["requests"] == seq), None)
 
 
@@ -125,7 +126,7 @@ def headline(results: dict) -> dict:
     out = {"s3t": top, "latency_ratio": {}, "accuracy_at_capacity": {}}
     for seq in results["sequences"]:
         out["latency_ratio"][seq] = round(lat[(seq, SISA)] / lat[(seq, top)], 1) if lat[(seq, top)] else None
-        cap = (_cyclic_capacity(results, seq, budget) or {}).get("all_dead_mean")
+        cap = (_capacity(results, seq, budget) or {}).get("all_dead_mean")
         if cap is None:
             continue
         points = {}
@@ -149,11 +150,12 @@ def prior_summary(results: dict, budget: int) -> dict | None:
         return None
     capacity = {}
     for seq in results["sequences"]:
-        rows = {sel: _cyclic_capacity(results, seq, budget, sel) for sel in names}
+        rows = {sel: _capacity(results, seq, budget, sel) for sel in names}
         if all(rows.values()):
-            capacity[seq] = {sel: {"all_dead": round(r["all_dead_mean"], 1), "first_death": round(r["first_death_mean"], 1),
-                                   "gain_all_dead": round(r["all_dead_mean"] / rows["cyclic"]["all_dead_mean"], 2)}
-                             for sel, r in rows.items()}
+            cyclic = rows["cyclic"]["all_dead_mean"]
+            capacity[seq] = {sel: {"all_dead": round(r["all_dead_mean"], 1),
+                                   "first_death": round(r["first_death_mean"], 1),
+                                   "gain_all_dead": round(r["all_dead_mean"] / cyclic, 2)} for sel, r in rows.items()}
     accuracy = {}
     for r in results["accuracy"]:
         if r["sequence"] == HOT and r["method"] in names.values():
@@ -259,7 +261,7 @@ def plot_capacity(results: dict, path: Path) -> None:
     ax.plot(budgets, [next(c["closed_form_cells"] for c in cap if c["budget"] == b) for b in budgets],
             color="black", linestyle=":", label="closed form m·L·H(m·B), all shards dead")
     for j, seq in enumerate(results["sequences"]):
-        rows = [_cyclic_capacity(results, seq, b) for b in budgets]
+        rows = [_capacity(results, seq, b) for b in budgets]
         ax.errorbar(budgets, [r["all_dead_mean"] for r in rows], color=f"C{j}", marker="o", capsize=3,
                     yerr=[[r["all_dead_mean"] - r["all_dead_p05"] for r in rows],
                           [r["all_dead_p95"] - r["all_dead_mean"] for r in rows]],
@@ -267,7 +269,7 @@ def plot_capacity(results: dict, path: Path) -> None:
         ax.plot(budgets, [r["first_death_mean"] for r in rows], color=f"C{j}", linestyle="--",
                 label=f"simulated, {seq}: first shard dead (mean)")
         for k, (marker, sel) in enumerate(zip("*D", PRIOR_SELECTIONS)):   # the others at B = L, same prior
-            other = _cyclic_capacity(results, seq, budgets[-1], sel)
+            other = _capacity(results, seq, budgets[-1], sel)
             if other:
                 ax.plot([budgets[-1] + 0.15 * (k + 1)], [other["all_dead_mean"]], marker=marker, markersize=9,
                         color=f"C{j}", linestyle="none", label=f"simulated, {seq}: {sel} B={budgets[-1]}, all dead")
@@ -402,8 +404,8 @@ def markdown(results: dict, *, out_dir: Path, report_path: Path) -> str:
         "",
         _table(["selection", "B", "requests", "closed form (cells)", "first shard dead (mean)",
                 "all shards dead (mean)", "all dead 5–95%"],
-               [[c.get("selection", "cyclic"), c["budget"], c["requests"], _fmt(c["closed_form_cells"], 1), _fmt(c["first_death_mean"], 1),
-                 _fmt(c["all_dead_mean"], 1), f"{_fmt(c['all_dead_p05'], 0)}–{_fmt(c['all_dead_p95'], 0)}"]
+               [[c["selection"], c["budget"], c["requests"], _fmt(c["closed_form_cells"], 1),
+                 _fmt(c["first_death_mean"], 1), _fmt(c["all_dead_mean"], 1), f"{_fmt(c['all_dead_p05'], 0)}–{_fmt(c['all_dead_p95'], 0)}"]
                 for c in results["capacity"]]),
         "",
     ]
@@ -415,8 +417,8 @@ def markdown(results: dict, *, out_dir: Path, report_path: Path) -> str:
     if head.get("prior") and HOT in head["prior"]["capacity"]:
         cap = head["prior"]["capacity"][HOT]
         parts.append(f"- {HOT}: prior-aware placement absorbs **{cap['prior_aware']['gain_all_dead']:.2f}×** the "
-                     f"requests of cyclic selection before every shard is dead (BMS: {cap['bms']['gain_all_dead']:.2f}×), "
-                     "simulated at the same budget.")
+                     "requests of cyclic selection before every shard is dead "
+                     f"(BMS: {cap['bms']['gain_all_dead']:.2f}×), simulated at the same budget.")
     parts.append("")
     for seq, info in head["accuracy_at_capacity"].items():
         methods = methods_of(results, seq)

@@ -1,6 +1,6 @@
 """Training cost of s3t's pipeline against a paper-style reference and a plain LoRA fine-tune.
 
-    python benchmarks/training_speed.py                     # demo plan on BBC News, ~25 minutes on 2 cores
+    python benchmarks/training_speed.py                     # demo plan on BBC News, ~7 minutes on 2 idle cores
     python benchmarks/training_speed.py --records 300       # a quick look
 
 Four sides, each in its own subprocess (so each peak RSS is its own), on the same split:
@@ -128,6 +128,7 @@ def main() -> None:
             subprocess.run(cmd, check=True)
             results[side] = json.loads(side_out.read_text())
             print(json.dumps(results[side]), flush=True)
+
     def ratio(a: str, b: str, key: str) -> float:
         return round(results[a][key] / results[b][key], 2)
 
