@@ -173,7 +173,7 @@ def check_run(run_dir: Path, figures: FaultFigures) -> None:
         _, components = reg.served()
         served = sorted({a for c in components for a in c["artifacts"]})
         with reg.engine.connect() as conn:
-            figures.tainted += sum(reg.lineage_has_deleted(conn, [a]) for a in served)
+            figures.tainted += len(reg.saw_deleted(conn, served))
         hashes = reg.artifact_hashes(served)
         store = ArtifactStore(run_dir / "artifacts")
         figures.corrupt += sum(not store.verify(a, hashes.get(a, "")) for a in served)

@@ -285,6 +285,14 @@ def test_usage_errors_exit_2(args):
     assert "Usage:" in result.output
 
 
+@pytest.mark.parametrize("option, value", [("--log-level", "bogus"), ("--guard", "maybe")])
+def test_serve_rejects_an_unknown_choice_before_starting(tmp_path, option, value):
+    # A missing run: were the value let through, the command would stop at opening it, not serve.
+    result = invoke("serve", tmp_path / "run", option, value)
+    user_error(result, code=2)
+    assert has(result.stderr, f"Invalid value for '{option}'") and has(result.stderr, f"'{value}' is not one of")
+
+
 def test_a_long_error_stays_on_one_line(tmp_path):
     missing = tmp_path / ("a-rather-long-folder-name-" * 4) / "run"
     result = invoke("predict", missing, "some text")
@@ -329,6 +337,21 @@ def test_simulate_compares_selections_under_skew():
 def test_simulate_reports_bad_settings_as_user_errors():
     assert has(user_error(invoke("simulate", "--distribution", "pareto", "--trials", 10)), "`distribution`")
     assert has(user_error(invoke("simulate", "--selection", "greedy", "--trials", 10)), "`selection`")
+
+
+@pytest.mark.parametrize("option", ["--out-json", "--out-png"])
+def test_simulate_checks_output_folders_before_simulating(tmp_path, monkeypatch, option):
+    monkeypatch.setattr("s3t.capacity.sweep", lambda **_: pytest.fail("simulated before checking the output path"))
+    missing = tmp_path / "no" / "such" / "x.out"
+    message = user_error(invoke("simulate", "-m", 2, "-L", 2, "--trials", 10, option, missing))
+    assert has(message, f"{option} {missing}: no folder {missing.parent}; create it first")
+    assert has(user_error(invoke("simulate", "--trials", 10, option, tmp_path)), f"{option} {tmp_path} is a folder")
+
+
+def test_simulate_reports_a_failed_write_as_a_user_error(tmp_path):
+    too_long = tmp_path / ("x" * 300 + ".json")   # the folder exists, the name is over the OS limit
+    message = user_error(invoke("simulate", "-m", 2, "-L", 2, "--trials", 10, "--out-json", too_long))
+    assert has(message, f"cannot write --out-json {too_long}:") and has(message, "pick another path")
 
 
 def test_plan_capacity_prints_confirmed_candidates():

@@ -145,6 +145,20 @@ def test_from_csv_errors(tmp_path: Path) -> None:
         Dataset.from_csv(tmp_path / "nope.csv")
 
 
+def test_from_csv_reads_long_texts_and_reports_oversized_fields(tmp_path: Path) -> None:
+    import csv
+
+    limit = csv.field_size_limit()
+    path = tmp_path / "long.csv"
+    path.write_text(f"id,text,label\na,{'w' * 500_000},x\n")  # over csv's default 128 KiB field limit
+    assert len(Dataset.from_csv(path).get("a").text) == 500_000
+    # An unclosed quote swallows the rest of the file into one field, past even the raised limit.
+    path.write_text('id,text,label\na,hello,x\nb,"unclosed,x\n' + "w" * (16 << 20) + "\n")
+    with pytest.raises(DataError, match=r"record at line 3 of .*long\.csv as CSV: field larger than field limit"):
+        Dataset.from_csv(path)
+    assert csv.field_size_limit() == limit, "the process-wide limit is restored"
+
+
 def test_get_subset_without() -> None:
     data = make(5)
     assert data.get("r2").text == "text 2"

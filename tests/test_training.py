@@ -24,8 +24,7 @@ def test_groups_are_selected_by_block_index_top_down(tiny_model):
 def _stage_inputs(trained, shard):
     """The shard's live members and label targets, with the trunk cache filled for them."""
     trainer = trained.trainer
-    members = trained.registry.live_members(shard)
-    rows = trained.registry.texts_and_labels([i for ids in members.values() for i in ids])
+    members, rows = trained.registry.live_shard(shard)
     trainer.cache.fill(trainer.backbone, sorted(rows), lambda i: rows[i][0])
     return members, {i: trained.labels.index(rows[i][1]) for i in rows}
 

@@ -102,3 +102,44 @@ def test_deletion_racing_a_restore_is_never_served(trained, tiny_data):
     assert trained.status().truncated_orders > 0   # the raced orders wait for the next restore
     trained.restore(progress=False)
     assert trained.status().truncated_orders == 0
+
+
+def _artifact_files(system, lineages) -> list:
+    from s3t.store import ArtifactStore
+    from s3t.system import ARTIFACTS_DIR
+
+    store = ArtifactStore(system.run_dir / ARTIFACTS_DIR)
+    return [store.path(h) for h in sorted(lineages)]
+
+
+def test_delete_retires_and_shreds_every_stage_that_saw_the_record(trained, tiny_data, no_training):
+    victim = tiny_data[5]
+    with trained.registry.engine.connect() as conn:
+        saw = trained.registry.artifacts_that_saw(conn, [victim.id])
+    files = _artifact_files(trained, saw)
+    assert saw and all(f.is_file() for f in files)
+    before = trained.predict_proba(["a text to classify"])
+
+    receipt = trained.delete(ids=[victim.id])
+    assert set(receipt.retired_artifacts) == saw
+    assert not any(f.exists() for f in files)   # shredded: no weights trained on the record remain
+    assert all(trained.registry.artifact(h) is None for h in saw) and trained.registry.retired() == []
+    assert not set(receipt.served_artifacts) & saw
+    # The other shard's stages and the kept prefixes still serve; the hit shard's model is a shorter one.
+    assert trained.predict_proba(["a text to classify"]).shape == before.shape
+
+
+def test_retired_stages_left_by_a_crash_after_commit_are_shredded_by_the_next_rebuild(trained, tiny_data):
+    from s3t.unlearning import delete
+
+    victim = tiny_data[5]
+    # The deletion commits, then the process dies before shredding: rows are retired, files remain.
+    receipt = delete(trained.registry, trained._ledger_key(), ids=[victim.id])
+    files = _artifact_files(trained, receipt.retired_artifacts)
+    assert files and all(f.is_file() for f in files)
+    assert sorted(trained.registry.retired()) == sorted(receipt.retired_artifacts)
+
+    trained.restore(progress=False)
+    assert not any(f.exists() for f in files) and trained.registry.retired() == []
+    with trained.registry.engine.connect() as conn:   # nothing registered saw the deleted record
+        assert trained.registry.artifacts_that_saw(conn, [victim.id]) == set()

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .store import shred_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -44,19 +46,6 @@ def _record_file(root: Path, record_id: str) -> Path:
     return root / name[:2] / f"{name}.safetensors"
 
 
-def _shred(path: Path) -> None:
-    """Overwrite a file with zeros, flush it to disk, then unlink it."""
-    try:
-        size = path.stat().st_size
-        with path.open("r+b") as f:
-            f.write(b"\0" * size)
-            f.flush()
-            os.fsync(f.fileno())
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def erase_records(run_dir: Path, record_ids: Sequence[str]) -> None:
     """Shred the cached hidden states of these records under every cache key of the run."""
     base = Path(run_dir) / CACHE_DIR
@@ -65,8 +54,8 @@ def erase_records(run_dir: Path, record_ids: Sequence[str]) -> None:
     for key_dir in base.iterdir():
         for rid in record_ids:
             path = _record_file(key_dir, rid)
-            _shred(path)
-            _shred(path.with_suffix(".tmp"))   # left by a crash mid-write
+            shred_file(path)
+            shred_file(path.with_suffix(".tmp"))   # left by a crash mid-write
 
 
 class TrunkCache:
@@ -81,13 +70,13 @@ class TrunkCache:
             for stale in self.base.iterdir():
                 if stale != self.root:
                     for f in stale.rglob("*.safetensors"):
-                        _shred(f)
+                        shred_file(f)
                     shutil.rmtree(stale, ignore_errors=True)
 
     def shred(self, ids: Sequence[str]) -> None:
         """Shred the cached states of these records (under this key)."""
         for rid in ids:
-            _shred(_record_file(self.root, rid))
+            shred_file(_record_file(self.root, rid))
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if not _record_file(self.root, i).is_file()]
@@ -119,7 +108,10 @@ class TrunkCache:
                 stacked = torch.stack([states[s][k] for s in self.boundaries]).contiguous()
                 tmp = path.with_suffix(".tmp")
                 save_file({"mask": mask[k].contiguous(), "hidden": stacked}, tmp)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:   # a deletion shredded the temp file: the record is gone
+                    pass
             on_batch(len(batch))
 
     def load(self, ids: Sequence[str], boundary: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .datasets import bbc_news
+from .errors import DataError
 from .plan import Plan
 from .records import Dataset
 
@@ -43,6 +44,11 @@ def run_demo(run_dir: Path, *, plan: Plan = DEMO_PLAN, deletions: int = 5, conso
 
     console = console or Console()
     train, test = demo_data()
+    # Checked before training, not by random.sample after it; one record must survive the single-record
+    # deletions, to own the subject deleted after them.
+    if not 0 <= deletions < len(train):
+        raise DataError(f"`deletions` (--deletions) must be between 0 and {len(train) - 1}: the demo trains on "
+                        f"{len(train)} records and one must remain for the subject request; got {deletions}.")
     console.print(f"[bold]s3t demo[/]: BBC News, {len(train)} train / {len(test)} test articles, "
                   f"{len(train.labels)} classes; {plan!r}")
     started = time.perf_counter()
@@ -67,7 +73,7 @@ def run_demo(run_dir: Path, *, plan: Plan = DEMO_PLAN, deletions: int = 5, conso
     console.print(f"subject {subject!r} owned {len(receipts[-1].deleted)} training records")
     _print_status(console, system)
     figures["accuracy_after_deletions"] = system.score(test) if system.status().serving else None
-    console.print(f"held-out accuracy after deletions: [bold]{figures['accuracy_after_deletions']:.3f}[/]")
+    console.print(f"held-out accuracy after deletions: {_accuracy(figures['accuracy_after_deletions'])}")
 
     started = time.perf_counter()
     system.restore()
@@ -78,6 +84,11 @@ def run_demo(run_dir: Path, *, plan: Plan = DEMO_PLAN, deletions: int = 5, conso
     _print_status(console, system)
     system.close()
     return figures
+
+
+def _accuracy(value: float | None) -> str:
+    """An accuracy for the console; None means deletions left no shard to score with."""
+    return "no live shard (needs restore)" if value is None else f"[bold]{value:.3f}[/]"
 
 
 def _print_status(console: Console, system) -> None:

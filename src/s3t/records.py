@@ -30,6 +30,9 @@ __all__ = ["Record", "Dataset", "check_labels"]
 
 _REQUIRED = ("id", "text", "label")
 _FIELDS = (*_REQUIRED, "subject", "risk")
+# csv refuses fields over 128 KiB by default, less than a long document; raised only while from_csv reads
+# (the limit is process-wide state, so it is restored afterwards rather than changed for the caller).
+_CSV_FIELD_LIMIT = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,27 +103,40 @@ class Dataset:
         def rows() -> Iterator[tuple[str, object]]:
             with _open(name, newline="") as f:
                 reader = csv.DictReader(f)
-                columns = reader.fieldnames or []
-                missing = [c for c in _REQUIRED if c not in columns]
-                extra = [c for c in columns if c not in _FIELDS]
-                if missing or extra:
-                    problem = (f"is missing required column(s) {', '.join(missing)}" if missing
-                               else f"has unknown column(s) {', '.join(map(repr, extra))}")
-                    raise DataError(f"{name} {problem}; found columns: {', '.join(map(repr, columns)) or 'none'}. "
-                                    "The header must name id, text, label and optionally subject and risk.")
-                start = reader.line_num + 1
-                for row in reader:
-                    where = f"line {start} of {name}"
-                    start = reader.line_num + 1  # a quoted field may span several lines
-                    if None in row:
-                        raise DataError(f"Too many fields at {where}: the header has {len(columns)}. "
-                                        "Quote texts that contain commas.")
-                    for optional in ("subject", "risk"):
-                        if row.get(optional) == "":
-                            row[optional] = None
-                    yield where, {k: v for k, v in row.items() if v is not None}
+                start = 1
+                try:
+                    columns = reader.fieldnames or []
+                    missing = [c for c in _REQUIRED if c not in columns]
+                    extra = [c for c in columns if c not in _FIELDS]
+                    if missing or extra:
+                        problem = (f"is missing required column(s) {', '.join(missing)}" if missing
+                                   else f"has unknown column(s) {', '.join(map(repr, extra))}")
+                        raise DataError(f"{name} {problem}; found columns: "
+                                        f"{', '.join(map(repr, columns)) or 'none'}. The header must name id, "
+                                        "text, label and optionally subject and risk.")
+                    start = reader.line_num + 1
+                    for row in reader:
+                        where = f"line {start} of {name}"
+                        start = reader.line_num + 1  # a quoted field may span several lines
+                        if None in row:
+                            raise DataError(f"Too many fields at {where}: the header has {len(columns)}. "
+                                            "Quote texts that contain commas.")
+                        for optional in ("subject", "risk"):
+                            if row.get(optional) == "":
+                                row[optional] = None
+                        yield where, {k: v for k, v in row.items() if v is not None}
+                except csv.Error as e:
+                    # `start` is where the failing record begins: an unclosed quote there swallows what follows.
+                    raise DataError(f"Cannot read the record at line {start} of {name} as CSV: {e}. Close any "
+                                    f"unbalanced quote there; fields may hold at most {_CSV_FIELD_LIMIT >> 20} MiB."
+                                    ) from None
 
-        return cls._from_rows(rows(), name)
+        old_limit = csv.field_size_limit()
+        csv.field_size_limit(max(old_limit, _CSV_FIELD_LIMIT))
+        try:
+            return cls._from_rows(rows(), name)  # reads the whole file before returning
+        finally:
+            csv.field_size_limit(old_limit)
 
     @classmethod
     def _from_rows(cls, rows: Iterable[tuple[str, object]], name: str | None = None) -> Dataset:

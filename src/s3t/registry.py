@@ -69,6 +69,11 @@ lineage = Table(  # which record ids each artifact saw: the evidence behind ever
     Column("artifact", String(64), primary_key=True),
     Column("record_id", String(512), primary_key=True, index=True),
 )
+retired_artifacts = Table(  # unregistered because they saw a deleted record; the row goes once the file is shredded
+    "retired_artifacts", metadata,
+    Column("lineage", String(64), primary_key=True),
+    Column("retired_at", String(40), nullable=False),
+)
 served_sets = Table(
     "served_sets", metadata,
     Column("version", Integer, primary_key=True),
@@ -123,6 +128,9 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
 )
 
 
+PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock key that serialises writers on PostgreSQL
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -163,9 +171,14 @@ class Registry:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
+        """A write transaction. Writers are serialised, as the deletion path's checks assume: SQLite by
+        BEGIN IMMEDIATE, PostgreSQL by a transaction-scoped advisory lock (READ COMMITTED alone would let a
+        restore commit an order between a deletion's read of it and its write)."""
         with self.engine.connect() as conn:
             conn.execution_options(s3t_write=True)
             with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
                 yield conn
 
     def close(self) -> None:
@@ -202,15 +215,20 @@ class Registry:
                 out[s].append(rid)
         return out
 
-    def texts_and_labels(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        out = {}
+    def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[str, str]]]:
+        """(live ids of each slice, sorted; {id: (text, label)}) of one shard, read in one snapshot.
+
+        One query, so a deletion committing meanwhile cannot leave an id listed without its content.
+        """
+        members: dict[int, list[str]] = defaultdict(list)
+        rows: dict[str, tuple[str, str]] = {}
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 900):
-                chunk = list(ids[start:start + 900])
-                for rid, text, label in conn.execute(
-                        select(records.c.id, records.c.text, records.c.label).where(records.c.id.in_(chunk))):
-                    out[rid] = (text, label)
-        return out
+            for s, rid, text, label in conn.execute(
+                    select(records.c.slice, records.c.id, records.c.text, records.c.label)
+                    .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)):
+                members[s].append(rid)
+                rows[rid] = (text, label)
+        return dict(members), rows
 
     def find_records(self, conn: Connection, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
                      subject_digests: Sequence[str] = ()) -> list[dict]:
@@ -316,11 +334,42 @@ class Registry:
                                      .where(lineage.c.record_id.in_(chunk), lineage.c.artifact.in_(arts))).scalars())
         return hits
 
-    def lineage_has_deleted(self, conn: Connection, artifact_ids: Sequence[str]) -> bool:
-        """Whether any of these artifacts saw a record that is deleted now (a join: for offline paths)."""
-        q = (select(lineage.c.artifact).join(records, records.c.id == lineage.c.record_id)
-             .where(lineage.c.artifact.in_(list(set(artifact_ids))), records.c.deleted_in.is_not(None)).limit(1))
-        return conn.execute(q).first() is not None
+    def saw_deleted(self, conn: Connection, artifact_ids: Sequence[str]) -> set[str]:
+        """The artifacts among these that saw a record deleted by now (a join: for offline paths)."""
+        q = (select(lineage.c.artifact).distinct().join(records, records.c.id == lineage.c.record_id)
+             .where(lineage.c.artifact.in_(list(set(artifact_ids))), records.c.deleted_in.is_not(None)))
+        return set(conn.execute(q).scalars())
+
+    def artifacts_that_saw(self, conn: Connection, record_ids: Sequence[str]) -> set[str]:
+        """Registered artifacts whose lineage contains any of `record_ids` (by index: no scan)."""
+        hits: set[str] = set()
+        for start in range(0, len(record_ids), 900):
+            chunk = list(record_ids[start:start + 900])
+            hits.update(conn.execute(select(lineage.c.artifact).distinct()
+                                     .join(artifacts, artifacts.c.lineage == lineage.c.artifact)
+                                     .where(lineage.c.record_id.in_(chunk))).scalars())
+        return hits
+
+    def retire(self, conn: Connection, lineages: Iterable[str]) -> None:
+        """Unregister artifacts in the caller's transaction and queue their files for shredding.
+
+        Their lineage rows stay: they are the evidence of what the retired artifacts saw.
+        """
+        wanted = sorted(set(lineages))
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            conn.execute(artifacts.delete().where(artifacts.c.lineage.in_(chunk)))
+            conn.execute(retired_artifacts.delete().where(retired_artifacts.c.lineage.in_(chunk)))
+            conn.execute(retired_artifacts.insert(), [dict(lineage=h, retired_at=utcnow()) for h in chunk])
+
+    def retired(self) -> list[str]:
+        """Retired artifacts whose files may still exist (shred them, then call `forget_retired`)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(retired_artifacts.c.lineage)).scalars())
+
+    def forget_retired(self, conn: Connection, lineages: Sequence[str]) -> None:
+        for start in range(0, len(lineages), 900):
+            conn.execute(retired_artifacts.delete().where(retired_artifacts.c.lineage.in_(list(lineages[start:start + 900]))))
 
     # -- served sets --------------------------------------------------------------------------------
     def served(self, conn: Connection | None = None) -> tuple[int, list[dict]]:

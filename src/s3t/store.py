@@ -6,12 +6,14 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
 
-__all__ = ["ArtifactStore", "file_sha256"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ArtifactStore", "file_sha256", "shred_file"]
 
 SUFFIX = ".safetensors"
 
@@ -22,6 +24,19 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shred_file(path: Path) -> None:
+    """Overwrite a file with zeros, flush it to disk, then unlink it (nothing if it is gone already)."""
+    try:
+        size = path.stat().st_size
+        with path.open("r+b") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class ArtifactStore:
@@ -59,6 +74,10 @@ class ArtifactStore:
         finally:
             os.close(dir_fd)
         return digest
+
+    def shred(self, lineage: str) -> None:
+        """Erase an artifact's file: weights trained on deleted records must not outlive the deletion."""
+        shred_file(self.path(lineage))
 
     def verify(self, lineage: str, sha256: str) -> bool:
         path = self.path(lineage)

@@ -189,15 +189,36 @@ class S3T:
         trainer = self.trainer
         todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
-        with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
-            completed = rebuild(self.registry, trainer, on_stage=advance)
-        # A deletion from another process can shred a record's cached state between the moment the cache
-        # fill computed it and the moment the fill wrote it. The trainer re-shreds right after each fill;
-        # this last sweep, once no fill runs any more, closes that window for good.
-        from .cache import erase_records
+        try:
+            with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
+                return rebuild(self.registry, trainer, on_stage=advance)
+        finally:
+            # A deletion from another process can shred a record's cached state between the moment the
+            # cache fill computed it and the moment the fill wrote it. The trainer re-shreds right after
+            # each fill; this last sweep, once no fill runs any more, closes that window for good. Stages
+            # that saw a record deleted while they trained were retired by `rebuild`: shred them too.
+            from .cache import erase_records
 
-        erase_records(self.run_dir, self.registry.deleted_ids())
-        return completed
+            erase_records(self.run_dir, self.registry.deleted_ids())
+            self._shred_retired()
+
+    def _shred_retired(self) -> None:
+        """Shred the files of retired artifacts, then forget them (a crash in between only repeats it)."""
+        lineages = self.registry.retired()
+        if not lineages:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .store import ArtifactStore
+
+        store = ArtifactStore(self.run_dir / ARTIFACTS_DIR)
+        # Each shred ends in an fsync; issued together, the filesystem commits them as one journal write.
+        with ThreadPoolExecutor(max_workers=min(8, len(lineages))) as pool:
+            list(pool.map(store.shred, lineages))
+        if self._trainer is not None:
+            self._trainer.forget(lineages)
+        with self.registry.transaction() as conn:
+            self.registry.forget_retired(conn, lineages)
 
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
@@ -211,6 +232,7 @@ class S3T:
         deletion returned uses the served set that deletion chose.
         """
         from .inference import aggregate, shard_logits
+        from .training import ArtifactRetired
 
         texts = _check_texts(texts)
         version, components = self.registry.served()
@@ -222,7 +244,14 @@ class S3T:
         if not texts:
             return Prediction((), np.zeros((0, len(self.labels)), dtype=np.float32), version)
         trainer = self.trainer
-        logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+        try:
+            logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+        except ArtifactRetired:
+            # A deletion switched the served set and retired a stage of the old one mid-call: answer from
+            # the new served set. With no switch, a missing served stage is a real fault: let it surface.
+            if self.registry.served()[0] == version:
+                raise
+            return self.classify(texts, batch_size=batch_size)
         proba = aggregate(logits, self.plan.aggregation)
         return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
 
@@ -253,9 +282,12 @@ class S3T:
         _check_request(ids, subjects)
         from .cache import erase_records
 
-        return delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
-                      erase_derived=lambda erased: erase_records(self.run_dir, erased),
-                      idempotency_key=idempotency_key, requested_by=requested_by)
+        receipt = delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
+                         erase_derived=lambda erased: erase_records(self.run_dir, erased),
+                         idempotency_key=idempotency_key, requested_by=requested_by)
+        if receipt.retired_artifacts:
+            self._shred_retired()   # after the commit: a rolled-back deletion must not lose live stages
+        return receipt
 
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
         """What `delete` would do to each shard's served depth and capacity, without deleting anything."""

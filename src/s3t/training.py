@@ -16,11 +16,16 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .cache import CacheMiss, TrunkCache
+from .errors import IntegrityError
 from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
 from .registry import Registry
 from .store import ArtifactStore
 
-__all__ = ["Trainer", "StageResult"]
+__all__ = ["Trainer", "StageResult", "ArtifactRetired"]
+
+
+class ArtifactRetired(KeyError):
+    """A stage's artifact was retired: a record it saw was deleted (possibly while training used it)."""
 
 
 @dataclass
@@ -60,10 +65,20 @@ class Trainer:
             if sha256 is None:
                 row = self.registry.artifact(lineage)
                 if row is None:
-                    raise KeyError(lineage)
+                    raise ArtifactRetired(lineage)
                 sha256 = row["sha256"]
-            self._tensors[lineage] = self.store.load(lineage, sha256)
+            try:
+                self._tensors[lineage] = self.store.load(lineage, sha256)
+            except IntegrityError:
+                if self.registry.artifact(lineage) is None:   # retired (and shredded) while we read it
+                    raise ArtifactRetired(lineage) from None
+                raise
         return self._tensors[lineage]
+
+    def forget(self, lineages: Sequence[str]) -> None:
+        """Drop retired artifacts' tensors from memory."""
+        for lineage in lineages:
+            self._tensors.pop(lineage, None)
 
     def _usable(self, lineage: str) -> bool:
         row = self.registry.artifact(lineage)
@@ -129,8 +144,7 @@ class Trainer:
         Stages that already exist (same lineage, verified file) are reused; `on_order(order, lineages)`
         is called after each order is complete so the caller can switch the served set.
         """
-        members = self.registry.live_members(shard)
-        rows = self.registry.texts_and_labels([i for ids in members.values() for i in ids])
+        members, rows = self.registry.live_shard(shard)
         label_index = {label: k for k, label in enumerate(self.labels)}
         self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])
         # A deletion that shredded a record while `fill` was computing it may have been overwritten by
@@ -150,7 +164,7 @@ class Trainer:
                                               parents=lineages[:stage - 1], ids=ids, targets=targets)
                     self.register(stage, lineages[stage - 1], result, ids)
                     on_stage(f"shard {shard} order {order['position']} stage {stage}")
-            except CacheMiss:
+            except (CacheMiss, ArtifactRetired):
                 continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
             on_order(order, lineages)
 

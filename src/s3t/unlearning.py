@@ -1,8 +1,9 @@
 """Deletion by deactivation, and restoration in the background.
 
 `delete` never trains and never scans the data: it looks records up by key, erases their content,
-truncates the orders of the shards they sat in, switches the served set and proves, from the stored
-lineage, that no served artifact saw a deleted id. `rebuild` brings truncated orders back to full depth
+truncates the orders of the shards they sat in, switches the served set, proves from the stored lineage
+that no served artifact saw a deleted id, and retires every stage that did see one (their files are
+shredded once the deletion commits). `rebuild` brings truncated orders back to full depth
 on the current data (it is also how a run is first trained), switching the served set order by order.
 `preview` says what a deletion would do to each shard without doing it (the service's abuse guard).
 """
@@ -52,6 +53,7 @@ class Receipt:
     lineage_check: str
     duration_ms: float
     requested_by: str | None = None   # who asked: e.g. the service token's id (never its secret)
+    retired_artifacts: tuple[str, ...] = ()   # stages that saw the deleted records: unregistered, files shredded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +152,10 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
         if tainted:
             raise IntegrityError(f"served artifacts {sorted(tainted)} saw deleted ids; deletion rolled back")
         depth_after = {c["shard"]: c["depth"] for c in components}
+        # 6. Retire every stage that saw a deleted record (none is served, as just checked): they can never
+        #    be served again, so they go. The caller shreds their files once this commits.
+        retired = sorted(registry.artifacts_that_saw(conn, [r["id"] for r in live]))
+        registry.retire(conn, retired)
         receipt = Receipt(
             request_id=request_id, created_at=created_at, reference=reference,
             deleted=tuple(sorted(r["id"] for r in live)),
@@ -163,11 +169,12 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
             lineage_check=(f"passed: none of the {len(served_artifacts)} served artifacts has any of the "
                            f"{len(named)} named ids in its recorded lineage"),
             duration_ms=round((time.perf_counter() - started) * 1000, 3), requested_by=requested_by,
+            retired_artifacts=tuple(retired),
         )
-        # 6. Shred derived copies (cached hidden states) before committing: a crash here leaves the
+        # 7. Shred derived copies (cached hidden states) before committing: a crash here leaves the
         #    records live and the cache merely cold, never a deleted record's trace behind an acknowledgement.
         erase_derived([r["id"] for r in live])
-        # 7. The ledger entry commits with everything above: acknowledged means durable.
+        # 8. The ledger entry commits with everything above: acknowledged means durable.
         registry.add_receipt(conn, request_id, created_at, receipt.to_dict())
         if idempotency_key is not None:
             registry.add_idempotent(conn, idempotency_key, fingerprint, request_id)
@@ -220,8 +227,9 @@ def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str],
     def commit(order: dict, lineages: list[str]) -> None:
         nonlocal completed
         with registry.transaction() as conn:
-            if registry.lineage_has_deleted(conn, lineages):
-                return   # a deletion raced this training: never serve it
+            if stale := registry.saw_deleted(conn, lineages):
+                registry.retire(conn, stale)   # a deletion raced this training: never serve it
+                return
             registry.set_stages(conn, order["shard"], order["position"], lineages)
             registry.set_depth(conn, order["shard"], order["position"], len(lineages))
             _serve(registry, conn, registry.served(conn), registry.orders(conn, shards=[order["shard"]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,15 +36,22 @@ def simulate(shards: Annotated[int, typer.Option("--shards", "-m", help="Shards 
     """
     from ..capacity import Requests, plot, save_json, sweep
 
+    outputs = {"--out-json": (out_json, save_json), "--out-png": (out_png, plot)}
+    for option, (path, _) in outputs.items():   # before simulating, which may take minutes
+        if path is not None:
+            _check_out_path(option, path)
     requests = [Requests(d, population=population, zipf_exponent=zipf_exponent, hot_fraction=hot_fraction,
                          hot_share=hot_share) for d in distribution or ["cells"]]
     results = sweep(num_shards=shards, num_slices=slices, budgets=budget or sorted({1, -(-slices // 2), slices}),
                     selections=selection or ["cyclic"], requests=requests, trials=trials, seed=seed,
                     risky_slices=risky_slices, risk_threshold=risk_threshold)
-    if out_json:
-        save_json(results, out_json)
-    if out_png:
-        plot(results, out_png)
+    for option, (path, write) in outputs.items():
+        if path is not None:
+            try:
+                write(results, path)
+            except OSError as e:
+                raise S3TError(f"cannot write {option} {path}: {e.strerror or e}; check that the folder is "
+                               "writable and has space, or pick another path") from None
     table = Table("requests", "selection", "B", "first dies", "all die", "closed form", "SISA",
                   title=f"deletions until the first / all shards drop out, m={shards}, L={slices}, {trials} trials "
                         "(mean ± s.e.; closed form and SISA: all die)")
@@ -93,6 +101,16 @@ def plan_capacity(records: Annotated[int, typer.Option(help="Training records (N
                       f"{c.records_per_slice:.0f}", f"{c.shard_passes:g}", f"{c.training_examples:,}",
                       "-" if c.seconds is None else _duration(c.seconds))
     console.print(table)
+
+
+def _check_out_path(option: str, path: Path) -> None:
+    # os.path.isdir, not Path.is_dir: it answers False rather than raising on, e.g., too long a name
+    if os.path.isdir(path):
+        raise S3TError(f"{option} {path} is a folder; give a file path in it, such as {path / 'capacity'}"
+                       f"{'.json' if option == '--out-json' else '.png'}")
+    if not os.path.isdir(path.parent):
+        raise S3TError(f"{option} {path}: no folder {path.parent}; create it first (mkdir -p {path.parent}) "
+                       "or pick another path")
 
 
 def _mean(stats: dict) -> str:

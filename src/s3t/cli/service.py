@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from .common import AsJson, RunDir, app, console, open_run, user_errors
+
+# Choices, so that Click rejects a typo before the run is opened (logging would raise a ValueError mid-start).
+GuardAction = Literal["alert", "hold", "off"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 @app.command()
@@ -22,7 +26,7 @@ def serve(run_dir: RunDir,
           rate: Annotated[float, typer.Option(help="Requests per second per token (a token may override).")] = 20.0,
           burst: Annotated[int, typer.Option(min=1, help="Requests a token may send at once before --rate applies.")] = 40,
           quota: Annotated[int, typer.Option(min=1, help="Deletion ids + subjects per token per UTC day.")] = 10_000,
-          guard: Annotated[str, typer.Option(help="Capacity guard policy: alert (apply, record), hold (wait for an admin) or off.")] = "alert",
+          guard: Annotated[GuardAction, typer.Option(help="Capacity guard policy: alert (apply, record), hold (wait for an admin) or off.")] = "alert",
           guard_window: Annotated[float, typer.Option(help="Seconds of a token's history the guard weighs.")] = 3600.0,
           guard_min_spent: Annotated[int, typer.Option(min=1, help="Capacity units of one shard before the guard judges a token.")] = 2,
           guard_ratio: Annotated[float, typer.Option(help="Flag at this many times the capacity random deletions would consume.")] = 3.0,
@@ -31,7 +35,7 @@ def serve(run_dir: RunDir,
           restore_poll: Annotated[float, typer.Option(help="Seconds between the restoration worker's policy checks.")] = 2.0,
           worker: Annotated[bool, typer.Option(help="Run the background restoration worker.")] = True,
           preload: Annotated[bool, typer.Option(help="Load the model at startup rather than on the first prediction.")] = True,
-          log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info") -> None:
+          log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="Server log verbosity.")] = "info") -> None:
     """Serve predictions and deletions over HTTP (FastAPI; OpenAPI docs at /docs).
 
     Example: s3t serve runs/news --port 8000 --guard hold --restore-below 2

@@ -92,6 +92,7 @@ class ReceiptOut(BaseModel):
     lineage_check: str
     duration_ms: float
     requested_by: str | None = None
+    retired_artifacts: list[str] = []   # stages that saw the deleted records: unregistered, files shredded
 
 
 class FlagOut(BaseModel):
