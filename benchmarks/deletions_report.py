@@ -88,7 +88,7 @@ def methods_of(results: dict, seq: str | None = None) -> list[str]:
             if m != FINE_TUNE and (seq is None or seq in replayed.get(m, [seq]))]
 
 
-def _cyclic(method: str) -> int | None:
+def _plain_budget(method: str) -> int | None:
     """B of a plain "S3T B=b" method (cyclic, hash placement), else None."""
     head, _, b = method.partition("S3T B=")
     return int(b) if not head and b.isdigit() else None
@@ -120,7 +120,7 @@ def latency_summary(results: dict) -> list[dict]:
 def headline(results: dict) -> dict:
     """S3T (B = L) vs SISA median latency, and accuracy at 0 / 25% / 50% of the simulated capacity."""
     L = results["plan"]["num_slices"]
-    budget = max(b for b in map(_cyclic, results["plans"]) if b and b <= L)
+    budget = max(b for b in map(_plain_budget, results["plans"]) if b and b <= L)
     top = f"S3T B={budget}"
     lat = {(r["sequence"], r["method"]): r["median_ms"] for r in latency_summary(results)}
     out = {"s3t": top, "latency_ratio": {}, "accuracy_at_capacity": {}}
@@ -273,8 +273,8 @@ def plot_capacity(results: dict, path: Path) -> None:
             if other:
                 ax.plot([budgets[-1] + 0.15 * (k + 1)], [other["all_dead_mean"]], marker=marker, markersize=9,
                         color=f"C{j}", linestyle="none", label=f"simulated, {seq}: {sel} B={budgets[-1]}, all dead")
-        for r in (s for s in latency_summary(results) if s["sequence"] == seq and _cyclic(s["method"])):
-            b = _cyclic(r["method"])
+        for r in (s for s in latency_summary(results) if s["sequence"] == seq and _plain_budget(s["method"])):
+            b = _plain_budget(r["method"])
             survived = r["no_live_shard_after"] is None
             ax.plot([b + 0.06 * (2 * j - 1)], [r["requests"] if survived else r["no_live_shard_after"]],
                     marker="^" if survived else "s", color=f"C{j}", markeredgecolor="black", linestyle="none")

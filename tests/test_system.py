@@ -15,7 +15,7 @@ import pytest
 
 import s3t
 from s3t import datasets
-from s3t.errors import (DataError, NeedsRestoreError, NotTrainedError, PlanError, RunExistsError,
+from s3t.errors import (DataError, NeedsRestoreError, NotTrainedError, PlanError, RunError, RunExistsError,
                         RunNotFoundError)
 from s3t.partition import partition
 
@@ -54,6 +54,23 @@ def test_open_a_missing_folder_names_it(tmp_path):
     with pytest.raises(RunNotFoundError, match=re.escape(str(missing))):
         s3t.S3T.open(missing)
     assert not missing.exists(), "open must not create the folder"
+
+
+@pytest.mark.parametrize("damage", ["run.json is not JSON", "run.json is a list", "database deleted"])
+def test_open_a_damaged_run_says_so(trained_dir, tmp_path, damage):
+    import shutil
+
+    from s3t.system import DB_FILE, RUN_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_dir, run)
+    if damage == "database deleted":
+        (run / DB_FILE).unlink()
+    else:
+        (run / RUN_FILE).write_text("{not json" if damage == "run.json is not JSON" else "[1, 2]")
+    with pytest.raises(RunError, match=f"the run at {re.escape(str(run))} is damaged"):
+        s3t.S3T.open(run)
+    assert (run / DB_FILE).exists() == (damage != "database deleted"), "open must not create an empty database"
 
 
 @pytest.mark.parametrize("changes", [

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunExistsError,
-                     RunNotFoundError)
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunError,
+                     RunExistsError, RunNotFoundError)
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
@@ -138,10 +138,21 @@ class S3T:
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
             raise RunNotFoundError(f"no s3t run at {run_dir} (missing {RUN_FILE}); create one with `s3t train`")
-        info = json.loads((run_dir / RUN_FILE).read_text())
-        registry = Registry(info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}")
+        damaged = f"the run at {run_dir} is damaged"
+        try:
+            info = json.loads((run_dir / RUN_FILE).read_text())
+            url = info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
+        except (OSError, ValueError, AttributeError) as exc:
+            raise RunError(f"{damaged}: {RUN_FILE} is unreadable ({exc}); restore the folder from a backup") from None
+        if not info.get("database_url") and not (run_dir / DB_FILE).is_file():   # never create an empty one
+            raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
+        registry = Registry(url)
         registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
-        return cls(run_dir, Plan.from_json(registry.get_meta("plan")), registry)
+        plan = registry.get_meta("plan")
+        if plan is None:
+            registry.close()
+            raise RunError(f"{damaged}: its database holds no plan; restore the folder from a backup")
+        return cls(run_dir, Plan.from_json(plan), registry)
 
     def close(self) -> None:
         self.registry.close()

@@ -56,7 +56,8 @@ def simulate(shards: Annotated[int, typer.Option("--shards", "-m", help="Shards 
                   title=f"deletions until the first / all shards drop out, m={shards}, L={slices}, {trials} trials "
                         "(mean ± s.e.; closed form and SISA: all die)")
     for r in results:
-        first, last = r.summary()["first_death"], r.summary()["all_dead"]
+        summary = r.summary()
+        first, last = summary["first_death"], summary["all_dead"]
         table.add_row(r.requests.distribution, r.label.split()[0], str(r.plan.resolved_budget), _mean(first),
                       _mean(last), _num(r.closed_form), _num(r.sisa_closed_form))
     console.print(table)
