@@ -56,7 +56,8 @@ def test_open_a_missing_folder_names_it(tmp_path):
     assert not missing.exists(), "open must not create the folder"
 
 
-@pytest.mark.parametrize("damage", ["run.json is not JSON", "run.json is a list", "database deleted"])
+@pytest.mark.parametrize("damage", ["run.json is not JSON", "run.json is a list", "database deleted",
+                                    "database is garbage"])
 def test_open_a_damaged_run_says_so(trained_dir, tmp_path, damage):
     import shutil
 
@@ -66,6 +67,8 @@ def test_open_a_damaged_run_says_so(trained_dir, tmp_path, damage):
     shutil.copytree(trained_dir, run)
     if damage == "database deleted":
         (run / DB_FILE).unlink()
+    elif damage == "database is garbage":
+        (run / DB_FILE).write_bytes(b"not a database " * 100)
     else:
         (run / RUN_FILE).write_text("{not json" if damage == "run.json is not JSON" else "[1, 2]")
     with pytest.raises(RunError, match=f"the run at {re.escape(str(run))} is damaged"):

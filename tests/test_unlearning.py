@@ -137,9 +137,56 @@ def test_retired_stages_left_by_a_crash_after_commit_are_shredded_by_the_next_re
     receipt = delete(trained.registry, trained._ledger_key(), ids=[victim.id])
     files = _artifact_files(trained, receipt.retired_artifacts)
     assert files and all(f.is_file() for f in files)
-    assert sorted(trained.registry.retired()) == sorted(receipt.retired_artifacts)
+    assert sorted(h for h, _at in trained.registry.retired()) == sorted(receipt.retired_artifacts)
 
     trained.restore(progress=False)
     assert not any(f.exists() for f in files) and trained.registry.retired() == []
     with trained.registry.engine.connect() as conn:   # nothing registered saw the deleted record
         assert trained.registry.artifacts_that_saw(conn, [victim.id]) == set()
+
+
+def test_a_stage_registered_after_its_record_was_deleted_is_retired(trained, tiny_data):
+    # A restore trains from a snapshot; a deletion of one of the stage's records commits before the
+    # stage is registered. The registration must see it and retire the stage; restore leaves it unserved.
+    located = trained.registry.locate([r.id for r in tiny_data])
+    cells: dict = {}
+    for rid, (shard, slice_, _deleted) in sorted(located.items()):
+        cells.setdefault((shard, slice_), []).append(rid)
+    first, second = next(iter(sorted(cells.items())))[1][:2]
+    trained.delete(ids=[first])   # gives restore work in that shard
+    trainer, raced = trained.trainer, []
+    train_stage = trainer.train_stage
+
+    def train_then_delete(**kwargs):
+        result = train_stage(**kwargs)
+        if not raced and second in kwargs["ids"]:
+            raced.append(kwargs["lineage"])
+            trained.delete(ids=[second])   # commits before `register` runs
+        return result
+
+    trainer.train_stage = train_then_delete
+    trained.restore(progress=False)
+    assert raced
+    files = _artifact_files(trained, raced)
+    with trained.registry.engine.connect() as conn:
+        assert trained.registry.artifacts_that_saw(conn, [second]) == set()
+    assert trained.registry.artifact(raced[0]) is None and not files[0].exists()
+    _, components = trained.registry.served()
+    assert raced[0] not in {a for c in components for a in c["artifacts"]}
+
+
+def test_a_failed_shred_after_commit_does_not_fail_the_deletion(trained, tiny_data, monkeypatch):
+    from s3t.store import ArtifactStore
+
+    def broken_disk(self, lineage):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ArtifactStore, "shred", broken_disk)
+    victim = tiny_data[5].id
+    receipt = trained.delete(ids=[victim])   # applied: it must not be reported as failed
+    assert receipt.deleted == (victim,) and receipt.retired_artifacts
+    assert sorted(h for h, _at in trained.registry.retired()) == sorted(receipt.retired_artifacts)
+    monkeypatch.undo()
+    trained.restore(progress=False)   # the queue is shredded by the next rebuild
+    assert trained.registry.retired() == [] and not any(f.exists() for f in
+                                                         _artifact_files(trained, receipt.retired_artifacts))

@@ -362,14 +362,16 @@ class Registry:
             conn.execute(retired_artifacts.delete().where(retired_artifacts.c.lineage.in_(chunk)))
             conn.execute(retired_artifacts.insert(), [dict(lineage=h, retired_at=utcnow()) for h in chunk])
 
-    def retired(self) -> list[str]:
-        """Retired artifacts whose files may still exist (shred them, then call `forget_retired`)."""
+    def retired(self) -> list[tuple[str, str]]:
+        """(lineage, retired_at) of retired artifacts whose files may still exist; shred them, then pass the
+        same pairs to `forget_retired` (an entry queued again meanwhile has a new time and stays)."""
         with self.engine.connect() as conn:
-            return list(conn.execute(select(retired_artifacts.c.lineage)).scalars())
+            return [tuple(r) for r in conn.execute(select(retired_artifacts.c.lineage, retired_artifacts.c.retired_at))]
 
-    def forget_retired(self, conn: Connection, lineages: Sequence[str]) -> None:
-        for start in range(0, len(lineages), 900):
-            conn.execute(retired_artifacts.delete().where(retired_artifacts.c.lineage.in_(list(lineages[start:start + 900]))))
+    def forget_retired(self, conn: Connection, entries: Sequence[tuple[str, str]]) -> None:
+        for lineage_hash, retired_at in entries:
+            conn.execute(retired_artifacts.delete().where(retired_artifacts.c.lineage == lineage_hash,
+                                                          retired_artifacts.c.retired_at == retired_at))
 
     # -- served sets --------------------------------------------------------------------------------
     def served(self, conn: Connection | None = None) -> tuple[int, list[dict]]:

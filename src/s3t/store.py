@@ -80,17 +80,21 @@ class ArtifactStore:
         shred_file(self.path(lineage))
 
     def verify(self, lineage: str, sha256: str) -> bool:
-        path = self.path(lineage)
-        return path.is_file() and file_sha256(path) == sha256
+        try:
+            return file_sha256(self.path(lineage)) == sha256
+        except FileNotFoundError:   # never written, or shredded by a deletion
+            return False
 
     def load(self, lineage: str, sha256: str) -> dict[str, torch.Tensor]:
         """Load an artifact after checking its bytes against the registry's hash."""
         from safetensors.torch import load
 
         path = self.path(lineage)
-        if not path.is_file():
-            raise IntegrityError(f"artifact {lineage} is missing from {self.root}: run `s3t restore` to retrain it")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"artifact {lineage} is missing from {self.root}: run `s3t restore` to retrain it"
+                                 ) from None
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(
                 f"artifact {lineage} at {path} does not match its recorded hash: it was altered or partially "

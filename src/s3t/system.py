@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunError,
-                     RunExistsError, RunNotFoundError)
+                     RunExistsError, RunNotFoundError, S3TError)
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
@@ -34,6 +36,8 @@ RUN_FILE = "run.json"
 DB_FILE = "registry.sqlite"
 ARTIFACTS_DIR = "artifacts"
 RUN_FORMAT = 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,14 @@ class S3T:
         if not info.get("database_url") and not (run_dir / DB_FILE).is_file():   # never create an empty one
             raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
         registry = Registry(url)
-        registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
-        plan = registry.get_meta("plan")
+        try:
+            registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
+            plan = registry.get_meta("plan")
+        except SQLAlchemyError as exc:
+            registry.close()
+            reason = getattr(exc, "orig", None) or exc
+            raise RunError(f"{damaged}: its database cannot be read ({reason}); restore the folder from a backup"
+                           ) from None
         if plan is None:
             registry.close()
             raise RunError(f"{damaged}: its database holds no plan; restore the folder from a backup")
@@ -210,14 +220,18 @@ class S3T:
             # that saw a record deleted while they trained were retired by `rebuild`: shred them too.
             from .cache import erase_records
 
-            erase_records(self.run_dir, self.registry.deleted_ids())
+            deleted = self.registry.deleted_ids()
+            erase_records(self.run_dir, deleted)
+            with self.registry.transaction() as conn:   # backstop: whatever slipped past the checks above
+                self.registry.retire(conn, self.registry.artifacts_that_saw(conn, deleted))
             self._shred_retired()
 
     def _shred_retired(self) -> None:
         """Shred the files of retired artifacts, then forget them (a crash in between only repeats it)."""
-        lineages = self.registry.retired()
-        if not lineages:
+        entries = self.registry.retired()
+        if not entries:
             return
+        lineages = [lineage for lineage, _at in entries]
         from concurrent.futures import ThreadPoolExecutor
 
         from .store import ArtifactStore
@@ -229,7 +243,7 @@ class S3T:
         if self._trainer is not None:
             self._trainer.forget(lineages)
         with self.registry.transaction() as conn:
-            self.registry.forget_retired(conn, lineages)
+            self.registry.forget_retired(conn, entries)
 
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
@@ -297,7 +311,12 @@ class S3T:
                          erase_derived=lambda erased: erase_records(self.run_dir, erased),
                          idempotency_key=idempotency_key, requested_by=requested_by)
         if receipt.retired_artifacts:
-            self._shred_retired()   # after the commit: a rolled-back deletion must not lose live stages
+            # After the commit: a rolled-back deletion must not lose live stages. The deletion has taken
+            # effect, so a failure here must not report it as failed: the queue stays for the next sweep.
+            try:
+                self._shred_retired()
+            except (OSError, S3TError, SQLAlchemyError) as exc:
+                logger.warning("retired stages stay queued for shredding (the next restore retries): %s", exc)
         return receipt
 
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:

@@ -61,19 +61,20 @@ class Trainer:
 
     def load(self, lineage: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
         """An artifact's tensors, verified against the registry's hash the first time it is read."""
-        if lineage not in self._tensors:
+        tensors = self._tensors.get(lineage)   # `forget` may run on another thread
+        if tensors is None:
             if sha256 is None:
                 row = self.registry.artifact(lineage)
                 if row is None:
                     raise ArtifactRetired(lineage)
                 sha256 = row["sha256"]
             try:
-                self._tensors[lineage] = self.store.load(lineage, sha256)
+                tensors = self._tensors[lineage] = self.store.load(lineage, sha256)
             except IntegrityError:
                 if self.registry.artifact(lineage) is None:   # retired (and shredded) while we read it
                     raise ArtifactRetired(lineage) from None
                 raise
-        return self._tensors[lineage]
+        return tensors
 
     def forget(self, lineages: Sequence[str]) -> None:
         """Drop retired artifacts' tensors from memory."""
@@ -175,6 +176,12 @@ class Trainer:
             self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
                                        loss=result.epoch_losses[-1] if result.epoch_losses else None,
                                        record_ids=ids)
+            # Writers are serialised: either a deletion of one of `ids` saw this row and retired it, or it
+            # committed before this check, which retires the stage now (the rebuild's sweep shreds the file).
+            stale = self.registry.saw_deleted(conn, [lineage])
+            self.registry.retire(conn, stale)
+        if stale:
+            raise CacheMiss(lineage)   # the order's data is stale: leave it truncated
         self._tensors[lineage] = result.tensors
 
     def pending(self, shard: int, orders: Sequence[dict]) -> int:
