@@ -237,7 +237,7 @@ class S3T:
         from .store import ArtifactStore
 
         store = ArtifactStore(self.run_dir / ARTIFACTS_DIR)
-        # Each shred ends in an fsync; issued together, the filesystem commits them as one journal write.
+        # Each shred ends in an fsync; issued from several threads, their waits overlap.
         with ThreadPoolExecutor(max_workers=min(8, len(lineages))) as pool:
             list(pool.map(store.shred, lineages))
         if self._trainer is not None:
