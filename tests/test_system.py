@@ -76,6 +76,21 @@ def test_open_a_damaged_run_says_so(trained_dir, tmp_path, damage):
     assert (run / DB_FILE).exists() == (damage != "database deleted"), "open must not create an empty database"
 
 
+@pytest.mark.parametrize("version, match", [(1, r"created by an older s3t \(run format 1.*recreate it with `s3t train"),
+                                            (3, r"run format 3, which this s3t does not read")])
+def test_open_refuses_a_run_format_it_does_not_read(trained_dir, tmp_path, version, match):
+    import shutil
+
+    from s3t.system import RUN_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_dir, run)
+    (run / RUN_FILE).write_text(json.dumps({"format": version, "database_url": None}))
+    with pytest.raises(RunError, match=match) as info:
+        s3t.S3T.open(run)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("changes", [
     dict(num_slices=2, blocks_per_slice=2),            # 4 blocks needed, the tiny model has 2
     dict(num_slices=1, budget=None, blocks_per_slice=3),
@@ -299,11 +314,17 @@ def test_unknown_subject_is_reported_as_a_digest_only(trained, tiny_data):
 
 
 def test_deleted_content_does_not_survive_in_the_registry_file(trained, tiny_data):
+    import sqlite3
+
     record = tiny_data[4]
     db = trained.run_dir / "registry.sqlite"
-    assert record.text.encode() in db.read_bytes()   # guard: the check below can fail
+    con = sqlite3.connect(db)
+    sealed = con.execute("select text from records where id = ?", (record.id,)).fetchone()[0]
+    con.close()
+    # The text is stored sealed, never in clear; its sealed bytes are there (guard: the check below can fail).
+    assert record.text.encode() not in db.read_bytes() and sealed in db.read_bytes()
     trained.delete(ids=[record.id])
-    assert record.text.encode() not in db.read_bytes()
+    assert record.text.encode() not in db.read_bytes() and sealed not in db.read_bytes()
 
 
 @pytest.mark.parametrize("request_, match", [

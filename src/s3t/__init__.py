@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from . import datasets
 from .errors import (AuthError, ConflictError, DataError, ForbiddenError, IntegrityError, NeedsRestoreError,
-                     NotFoundError, NotTrainedError, PlanError, RateLimitError, RunError, RunExistsError,
-                     RunNotFoundError, S3TError)
+                     NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError, RunError,
+                     RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
 from .records import Dataset, Record
 
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
-    "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "NotTrainedError",
+    "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
+    "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
     "RateLimitError",
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",

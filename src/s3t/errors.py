@@ -6,6 +6,7 @@
     ├── RunError             a run folder cannot be created, opened or used
     │   ├── RunExistsError   `S3T.create` refuses to overwrite an existing run
     │   ├── RunNotFoundError no run at the given folder
+    │   ├── RunBusyError     another process is training (train/restore) the run
     │   └── NotTrainedError  the run has no trained model yet: call `train()`
     ├── NeedsRestoreError    deletions left no shard with a live order: call `restore()`
     ├── IntegrityError       a stored artifact or lineage failed verification
@@ -25,6 +26,7 @@ __all__ = [
     "RunError",
     "RunExistsError",
     "RunNotFoundError",
+    "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError",
     "IntegrityError",
@@ -58,6 +60,10 @@ class RunExistsError(RunError):
 
 class RunNotFoundError(RunError):
     """No run was found at the given folder."""
+
+
+class RunBusyError(RunError):
+    """Another process is training (`train` or `restore`) the run; only one may at a time."""
 
 
 class NotTrainedError(RunError):

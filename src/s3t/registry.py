@@ -1,9 +1,14 @@
 """The run's registry: records, orders, artifacts, lineage, served sets and the deletion ledger.
 
 SQLite in the run folder by default (PostgreSQL by URL), through SQLAlchemy Core. Every state change
-happens inside `transaction()`. On SQLite, `secure_delete` makes the engine overwrite erased content
-instead of leaving it in free pages, and the rollback journal is deleted at commit, so a deleted record's
-text does not survive in the database files.
+happens inside `transaction()`.
+
+Record content (text, label) and the content of held deletion requests is stored sealed (AES-GCM) under
+a key of its own from the run's `KeyStore`: the registry seals on insert and unseals on read, so callers
+see plain text, and the database files never hold it. A data subject is stored only as a keyed digest
+(HMAC-SHA256 with the run's ledger key, which is kept outside the database). Erasing NULLs the sealed
+columns, and on SQLite `secure_delete` overwrites them in the database file; the rollback journal's
+copies of those pages stay sealed under a key that the deletion destroys right after its commit.
 
 Concurrency on SQLite: `transaction()` starts with BEGIN IMMEDIATE, taking the write lock before its
 first read, so a read-check-write sequence (the deletion path, a restoration's commit) cannot interleave
@@ -15,13 +20,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, create_engine, event, func,
+                        select, union_all, update)
 from sqlalchemy.engine import Connection, Engine, make_url
+
+from .keystore import KeyStore, aad, seal, unseal
 
 __all__ = ["Registry", "utcnow"]
 
@@ -33,13 +40,13 @@ meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Colu
 records = Table(
     "records", metadata,
     Column("id", String(512), primary_key=True),
-    Column("subject", String(512), index=True),      # NULL once erased
-    Column("text", Text),                            # NULL once erased
-    Column("label", String(512)),                    # NULL once erased
+    Column("subject_digest", String(64), index=True),  # keyed hash of the subject (never stored in clear); kept
+    Column("text", LargeBinary),                     # sealed under the record's key; NULL once erased
+    Column("label", LargeBinary),                    # sealed under the record's key; NULL once erased
+    Column("key_slot", Integer, nullable=False),     # the record's key in the KeyStore, destroyed on deletion
     Column("shard", Integer, nullable=False),
     Column("slice", Integer, nullable=False),
     Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
-    Column("subject_digest", String(64), index=True),  # keyed hash of the erased subject, for idempotency
 )
 orders = Table(
     "orders", metadata,
@@ -118,7 +125,8 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
     Column("action", String(8), nullable=False),    # alert (applied at once) or hold (waits for an admin)
     Column("status", String(8), nullable=False),    # pending, applied or rejected
     Column("reason", Text, nullable=False),
-    Column("request", Text),                        # JSON {ids, subjects, reference} while pending; NULL after
+    Column("request", LargeBinary),                 # sealed JSON {ids, subjects, reference} while pending; NULL after
+    Column("key_slot", Integer),                    # the key sealing `request`, destroyed once decided
     Column("idempotency_key", String(400), unique=True),
     Column("fingerprint", String(64)),
     Column("request_id", String(64)),               # the ledger entry once applied
@@ -153,8 +161,9 @@ def _sqlite_begin(conn: Connection) -> None:
 class Registry:
     """Typed access to one run's database; methods taking `conn` run inside a caller's transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keys: KeyStore) -> None:
         self.url = url
+        self.keys = keys
         sqlite = make_url(url).get_backend_name() == "sqlite"
         self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S} if sqlite else {})
         if sqlite:
@@ -183,6 +192,7 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.keys.close()
 
     # -- meta ---------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -199,8 +209,15 @@ class Registry:
 
     # -- records ------------------------------------------------------------------------------------
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
-        for start in range(0, len(rows), 5000):
-            conn.execute(records.insert(), list(rows[start:start + 5000]))
+        """Insert records {id, subject_digest, text, label, shard, slice}, each sealed under a new key."""
+        slots = self.keys.allocate(len(rows))   # inside the caller's write transaction (see KeyStore.allocate)
+        keys = self.keys.keys(slots)
+        sealed = [dict(id=r["id"], subject_digest=r["subject_digest"], shard=r["shard"], slice=r["slice"],
+                       key_slot=slot, text=seal(keys[slot], r["text"].encode(), aad("record", r["id"], "text")),
+                       label=seal(keys[slot], r["label"].encode(), aad("record", r["id"], "label")))
+                  for r, slot in zip(rows, slots)]
+        for start in range(0, len(sealed), 5000):
+            conn.execute(records.insert(), sealed[start:start + 5000])
 
     def live_members(self, shard: int) -> dict[int, list[str]]:
         """Live record ids of each slice of a shard, sorted."""
@@ -218,40 +235,78 @@ class Registry:
     def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[str, str]]]:
         """(live ids of each slice, sorted; {id: (text, label)}) of one shard, read in one snapshot.
 
-        One query, so a deletion committing meanwhile cannot leave an id listed without its content.
+        One query, so a deletion committing meanwhile cannot leave an id listed without its content. A
+        record whose key is destroyed by the time it is unsealed was deleted meanwhile: it is left out.
         """
         members: dict[int, list[str]] = defaultdict(list)
         rows: dict[str, tuple[str, str]] = {}
         with self.engine.connect() as conn:
-            for s, rid, text, label in conn.execute(
-                    select(records.c.slice, records.c.id, records.c.text, records.c.label)
-                    .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)):
-                members[s].append(rid)
-                rows[rid] = (text, label)
+            found = conn.execute(
+                select(records.c.slice, records.c.id, records.c.key_slot, records.c.text, records.c.label)
+                .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)).all()
+        keys = self.keys.keys(r.key_slot for r in found)
+        for s, rid, slot, text, label in found:
+            if keys[slot] is None:
+                continue
+            members[s].append(rid)
+            rows[rid] = (unseal(keys[slot], text, aad("record", rid, "text")).decode(),
+                         unseal(keys[slot], label, aad("record", rid, "label")).decode())
         return dict(members), rows
 
-    def find_records(self, conn: Connection, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+    def find_records(self, conn: Connection, *, ids: Sequence[str] = (),
                      subject_digests: Sequence[str] = ()) -> list[dict]:
-        """Rows for the given ids, subjects and erased subjects' digests, by index lookups only."""
+        """Rows {id, subject_digest, key_slot, shard, slice, deleted_in} for the given ids and subjects'
+        digests, by index lookups only."""
         found: dict[str, dict] = {}
-        cols = (records.c.id, records.c.subject, records.c.subject_digest, records.c.shard, records.c.slice,
+        cols = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
                 records.c.deleted_in)
-        for column, values in ((records.c.id, list(ids)), (records.c.subject, list(subjects)),
-                               (records.c.subject_digest, list(subject_digests))):
+        for column, values in ((records.c.id, list(ids)), (records.c.subject_digest, list(subject_digests))):
             for start in range(0, len(values), 900):
                 for row in conn.execute(select(*cols).where(column.in_(values[start:start + 900]))):
                     found[row.id] = row._asdict()
         return list(found.values())
 
-    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str,
-                      digest: Callable[[str], str]) -> None:
-        """Drop the content of records (text, label, subject); keep the id and a keyed subject digest."""
-        for row in rows:
-            conn.execute(
-                records.update().where(records.c.id == row["id"])
-                .values(text=None, label=None, subject=None, deleted_in=request_id,
-                        subject_digest=digest(row["subject"]) if row["subject"] is not None else None)
-            )
+    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str) -> None:
+        """Drop the sealed content of records; keep the id, the subject's keyed digest and the key slot (the
+        caller destroys the key once this commits)."""
+        ids = [row["id"] for row in rows]
+        for start in range(0, len(ids), 900):
+            conn.execute(records.update().where(records.c.id.in_(ids[start:start + 900]))
+                         .values(text=None, label=None, deleted_in=request_id))
+
+    def key_slots(self, ids: Sequence[str], *, live_only: bool = False) -> dict[str, int]:
+        """{id: key slot} of these records (only the live ones with `live_only`), by index lookups."""
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 900):
+                q = select(records.c.id, records.c.key_slot).where(records.c.id.in_(list(ids[start:start + 900])))
+                out.update(conn.execute(q.where(records.c.deleted_in.is_(None)) if live_only else q).all())
+        return out
+
+    def live_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(records.c.id).where(records.c.deleted_in.is_(None))).scalars())
+
+    # -- key slots ----------------------------------------------------------------------------------
+    def dead_key_slots(self) -> list[int]:
+        """Slots whose keys must be destroyed: those of deleted records and of decided held requests."""
+        q = union_all(select(records.c.key_slot).where(records.c.deleted_in.is_not(None)),
+                      select(flagged.c.key_slot).where(flagged.c.key_slot.is_not(None), flagged.c.status != "pending"))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def referenced_key_slots(self, conn: Connection | None = None) -> set[int]:
+        """Every slot a row refers to (live or dead): any other allocated slot is a leftover."""
+        q = union_all(select(records.c.key_slot), select(flagged.c.key_slot).where(flagged.c.key_slot.is_not(None)))
+        if conn is not None:
+            return set(conn.execute(q).scalars())
+        with self.engine.connect() as c:
+            return set(c.execute(q).scalars())
+
+    def count_key_slots(self) -> int:
+        with self.engine.connect() as conn:
+            return ((conn.execute(select(func.count(records.c.key_slot))).scalar() or 0)
+                    + (conn.execute(select(func.count(flagged.c.key_slot))).scalar() or 0))
 
     def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int, bool]]:
         out = {}
@@ -317,6 +372,11 @@ class Registry:
         rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
         for start in range(0, len(rows), 5000):
             conn.execute(lineage.insert(), rows[start:start + 5000])
+
+    def artifact_lineages(self) -> set[str]:
+        """Every registered artifact."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(artifacts.c.lineage)).scalars())
 
     def artifact_hashes(self, lineages: Iterable[str]) -> dict[str, str]:
         wanted = list(set(lineages))
@@ -460,7 +520,11 @@ class Registry:
             conn.execute(token_usage.insert().values(token_id=token_id, day=day, used=items))
 
     # -- flagged deletion requests ------------------------------------------------------------------
-    def add_flagged(self, conn: Connection, **row) -> None:
+    def add_flagged(self, conn: Connection, *, request: str | None = None, **row) -> None:
+        """Store a flagged request; its `request` content (if any) is sealed under a new key."""
+        if request is not None:
+            slot = self.keys.allocate(1)[0]   # inside the caller's write transaction (see KeyStore.allocate)
+            row.update(key_slot=slot, request=seal(self.keys.key(slot), request.encode(), aad("flag", row["id"])))
         conn.execute(flagged.insert().values(created_at=utcnow(), **row))
 
     def flagged(self, conn: Connection | None = None, *, flag_id: str | None = None, status: str | None = None,
@@ -473,9 +537,15 @@ class Registry:
         if idempotency_key is not None:
             q = q.where(flagged.c.idempotency_key == idempotency_key)
         if conn is not None:
-            return [r._asdict() for r in conn.execute(q)]
-        with self.engine.connect() as c:
-            return [r._asdict() for r in c.execute(q)]
+            found = [r._asdict() for r in conn.execute(q)]
+        else:
+            with self.engine.connect() as c:
+                found = [r._asdict() for r in c.execute(q)]
+        keys = self.keys.keys(r["key_slot"] for r in found if r["request"] is not None)
+        for r in found:   # unsealed; None once decided (or if its key is already destroyed)
+            key = keys.get(r["key_slot"]) if r["request"] is not None else None
+            r["request"] = unseal(key, r["request"], aad("flag", r["id"])).decode() if key else None
+        return found
 
     def decide_flagged(self, conn: Connection, flag_id: str, **values) -> None:
         conn.execute(update(flagged).where(flagged.c.id == flag_id).values(decided_at=utcnow(), **values))

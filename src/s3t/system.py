@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,22 +20,29 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunError,
-                     RunExistsError, RunNotFoundError, S3TError)
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError,
+                     RunError, RunExistsError, RunNotFoundError, S3TError)
+from .files import FileLock, create_private, private_dir, shred, write_private
+from .keystore import KeyStore
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
 from .records import Dataset, check_labels
 from .registry import Registry
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, delete, preview, rebuild
+from .unlearning import Receipt, delete, preview, rebuild, subject_digest
 
 __all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
 
+# The run folder (0700; every file in it 0600, whatever the umask: see files.py).
 RUN_FILE = "run.json"
 DB_FILE = "registry.sqlite"
+KEYS_FILE = "keys.bin"            # one key per record (and per held request), destroyed on deletion
+LEDGER_KEY_FILE = "ledger.key"    # HMAC key of subject digests and request fingerprints: not in the database
 ARTIFACTS_DIR = "artifacts"
-RUN_FORMAT = 1
+TRAIN_LOCK = "train.lock"         # held by whoever trains (train/restore) for the whole rebuild
+RUN_FORMAT = 2                    # 2: sealed content, key file, ledger key file; 1 is refused (no migration)
+TRAIN_LOCK_WAIT_S = 5.0           # a sweep holds the training lock briefly: a trainer waits this long for it
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +84,12 @@ class Prediction:
 class S3T:
     """A trained (or trainable) S3T model stored in a run folder. Use `create` or `open`."""
 
-    def __init__(self, run_dir: Path, plan: Plan, registry: Registry) -> None:
+    def __init__(self, run_dir: Path, plan: Plan, registry: Registry, ledger_key: bytes) -> None:
         self.run_dir = run_dir
         self.plan = plan
         self.registry = registry
         self.labels: tuple[str, ...] = tuple(json.loads(registry.get_meta("labels") or "[]"))
+        self._ledger = ledger_key
         self._trainer = None
 
     def __repr__(self) -> str:
@@ -112,33 +120,49 @@ class S3T:
             shard, slice_ = (int(v) for v in np.argwhere(sizes == 0)[0])
             raise PlanError(f"shard {shard} slice {slice_} would get no records ({len(data)} records over "
                             f"{plan.num_shards}x{plan.num_slices} slices); use fewer `num_shards` or `num_slices`")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(run_dir)
         url = database_url or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
-        registry = Registry(url)
+        keys = registry = None
         try:
+            ledger_key = os.urandom(32)
+            write_private(run_dir / LEDGER_KEY_FILE, ledger_key)
+            keys = KeyStore.create(run_dir / KEYS_FILE)
+            if not database_url:
+                create_private(run_dir / DB_FILE)   # 0600 before SQLite opens it: its journal takes this mode
+            registry = Registry(url, keys)
             registry.create_schema()
             with registry.transaction() as conn:
                 registry.set_meta(conn, "plan", plan.to_json())
                 registry.set_meta(conn, "labels", json.dumps(list(data.labels)))
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
-                registry.set_meta(conn, "ledger_key", secrets.token_hex(32))
-                registry.insert_records(conn, [
-                    dict(id=r.id, subject=r.subject, text=r.text, label=r.label,
-                         shard=assignment[r.id][0], slice=assignment[r.id][1]) for r in data])
+                registry.insert_records(conn, [   # sealed by the registry, each under a key of its own
+                    dict(id=r.id, text=r.text, label=r.label, shard=assignment[r.id][0], slice=assignment[r.id][1],
+                         subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
+                    for r in data])
                 registry.insert_orders(conn, [
                     dict(shard=shard, position=k, slices=order, depth=0)
                     for shard in range(plan.num_shards) for k, order in enumerate(select_orders(plan, shard))])
         except BaseException:
-            registry.close()
+            if registry is not None:
+                registry.close()   # closes the key file too
+            elif keys is not None:
+                keys.close()
             shutil.rmtree(run_dir / ARTIFACTS_DIR, ignore_errors=True)
-            (run_dir / DB_FILE).unlink(missing_ok=True)
+            for name in (DB_FILE, KEYS_FILE, LEDGER_KEY_FILE):
+                shred(run_dir / name)
             raise
-        (run_dir / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, "database_url": database_url}, indent=2))
-        return cls(run_dir, plan, registry)
+        write_private(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, "database_url": database_url},
+                                                     indent=2).encode())
+        return cls(run_dir, plan, registry, ledger_key)
 
     @classmethod
     def open(cls, run_dir: str | Path) -> "S3T":
-        """Reopen a run folder written by `create`."""
+        """Reopen a run folder written by `create`.
+
+        Before anything else it finishes what a crash may have cut short: it destroys the keys of deleted
+        records (a crash between a deletion's commit and its key destruction), then sweeps (`sweep`).
+        """
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
             raise RunNotFoundError(f"no s3t run at {run_dir} (missing {RUN_FILE}); create one with `s3t train`")
@@ -146,11 +170,24 @@ class S3T:
         try:
             info = json.loads((run_dir / RUN_FILE).read_text())
             url = info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
+            version = info.get("format")
         except (OSError, ValueError, AttributeError) as exc:
             raise RunError(f"{damaged}: {RUN_FILE} is unreadable ({exc}); restore the folder from a backup") from None
+        if version != RUN_FORMAT:
+            raise RunError(f"the run at {run_dir} was created by an older s3t (run format {version}; this version "
+                           f"reads format {RUN_FORMAT}, which stores record content encrypted); recreate it with "
+                           "`s3t train NEW_RUN_DIR --data ...` (or S3T.create) from the original data"
+                           if isinstance(version, int) and version < RUN_FORMAT else
+                           f"the run at {run_dir} has run format {version!r}, which this s3t does not read "
+                           f"(it reads format {RUN_FORMAT}); open it with the s3t version that created it")
         if not info.get("database_url") and not (run_dir / DB_FILE).is_file():   # never create an empty one
             raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
-        registry = Registry(url)
+        try:
+            ledger_key = (run_dir / LEDGER_KEY_FILE).read_bytes()
+            keys = KeyStore.open(run_dir / KEYS_FILE)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{damaged}: {exc}; restore the folder from a backup") from None
+        registry = Registry(url, keys)
         try:
             registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
             plan = registry.get_meta("plan")
@@ -162,10 +199,56 @@ class S3T:
         if plan is None:
             registry.close()
             raise RunError(f"{damaged}: its database holds no plan; restore the folder from a backup")
-        return cls(run_dir, Plan.from_json(plan), registry)
+        system = cls(run_dir, Plan.from_json(plan), registry, ledger_key)
+        system._destroy_dead_keys()
+        system.sweep()
+        return system
 
     def close(self) -> None:
         self.registry.close()
+
+    # -- erasure at rest ----------------------------------------------------------------------------
+    def _destroy_dead_keys(self) -> None:
+        """Destroy every key that should be gone: those of deleted records and decided held requests (a
+        crash can fall between a commit and its key destruction), and slots that no row refers to (a
+        crash or rollback between a key's allocation and its commit)."""
+        reg, keys = self.registry, self.registry.keys
+        destroyed = keys.destroy(reg.dead_key_slots())
+        if len(keys) != reg.count_key_slots():
+            # Keys are allocated inside write transactions: under the write lock none is about to commit.
+            with reg.transaction() as conn:
+                destroyed += keys.destroy(set(range(len(keys))) - reg.referenced_key_slots(conn))
+        if destroyed:
+            logger.warning("destroyed %d keys that a crash left behind in %s", destroyed, self.run_dir)
+
+    def sweep(self) -> int:
+        """Shred what no registry row accounts for; returns how many files it shredded.
+
+        If no process is training this run: every file under artifacts/ that is not a registered artifact
+        (temp files of interrupted saves, stages a crash left unregistered) and every cached state that
+        belongs to no live record. In any case: the retired stages queued for shredding. Runs at `open`,
+        at the end of every `train`/`restore`, and when the HTTP service starts.
+        """
+        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        if not lock.acquire(wait=0):   # a trainer is between saves and registrations: it sweeps when done
+            return self._shred_retired()
+        try:
+            return self._sweep_orphans() + self._shred_retired()
+        finally:
+            lock.release()
+
+    def _sweep_orphans(self) -> int:
+        """Shred unregistered artifact files and cached states of no live record (hold the training lock)."""
+        from . import cache
+        from .store import ArtifactStore
+
+        shredded = ArtifactStore(self.run_dir / ARTIFACTS_DIR).sweep(self.registry.artifact_lineages())
+        if (self.run_dir / cache.CACHE_DIR).is_dir():
+            shredded += cache.sweep(self.run_dir, self.registry.live_ids())
+        if shredded:
+            logger.warning("shredded %d files of %s that no registry row accounts for (left by a crash)",
+                           len(shredded), self.run_dir)
+        return len(shredded)
 
     # -- training -----------------------------------------------------------------------------------
     @property
@@ -189,7 +272,7 @@ class S3T:
                                 num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
                                 lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
             boundaries = [backbone.group_start(g) for g in range(1, groups + 1)]
-            cache = TrunkCache(self.run_dir, boundaries=boundaries,
+            cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries))
             self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
@@ -207,6 +290,17 @@ class S3T:
         return self._rebuild(progress, "restoring")
 
     def _rebuild(self, progress: bool, what: str) -> int:
+        # One trainer per run folder: the sweep may only shred unregistered files while nobody trains.
+        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        if not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
+            raise RunBusyError(f"another process is training the run at {self.run_dir} (it holds "
+                               f"{self.run_dir / TRAIN_LOCK}); wait for it to finish, then retry")
+        try:
+            return self._rebuild_holding_lock(progress, what)
+        finally:
+            lock.release()
+
+    def _rebuild_holding_lock(self, progress: bool, what: str) -> int:
         trainer = self.trainer
         todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
@@ -214,23 +308,20 @@ class S3T:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
                 return rebuild(self.registry, trainer, on_stage=advance)
         finally:
-            # A deletion from another process can shred a record's cached state between the moment the
-            # cache fill computed it and the moment the fill wrote it. The trainer re-shreds right after
-            # each fill; this last sweep, once no fill runs any more, closes that window for good. Stages
-            # that saw a record deleted while they trained were retired by `rebuild`: shred them too.
-            from .cache import erase_records
-
+            # Stages that saw a record deleted while they trained were retired by `rebuild`; this backstop
+            # retires whatever slipped past its checks. Then sweep, still holding the training lock: files
+            # a crashed or failed registration left, cached states of deleted records, the retired queue.
             deleted = self.registry.deleted_ids()
-            erase_records(self.run_dir, deleted)
             with self.registry.transaction() as conn:   # backstop: whatever slipped past the checks above
                 self.registry.retire(conn, self.registry.artifacts_that_saw(conn, deleted))
+            self._sweep_orphans()
             self._shred_retired()
 
-    def _shred_retired(self) -> None:
+    def _shred_retired(self) -> int:
         """Shred the files of retired artifacts, then forget them (a crash in between only repeats it)."""
         entries = self.registry.retired()
         if not entries:
-            return
+            return 0
         lineages = [lineage for lineage, _at in entries]
         from concurrent.futures import ThreadPoolExecutor
 
@@ -244,6 +335,7 @@ class S3T:
             self._trainer.forget(lineages)
         with self.registry.transaction() as conn:
             self.registry.forget_retired(conn, entries)
+        return len(entries)
 
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
@@ -305,10 +397,10 @@ class S3T:
         the same key raises ConflictError); `requested_by` is recorded in the receipt.
         """
         _check_request(ids, subjects)
-        from .cache import erase_records
+        from .cache import erasing
 
         receipt = delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
-                         erase_derived=lambda erased: erase_records(self.run_dir, erased),
+                         erase_derived=lambda erased: erasing(self.run_dir, erased),
                          idempotency_key=idempotency_key, requested_by=requested_by)
         if receipt.retired_artifacts:
             # After the commit: a rolled-back deletion must not lose live stages. The deletion has taken
@@ -316,7 +408,8 @@ class S3T:
             try:
                 self._shred_retired()
             except (OSError, S3TError, SQLAlchemyError) as exc:
-                logger.warning("retired stages stay queued for shredding (the next restore retries): %s", exc)
+                logger.warning("retired stages stay queued for shredding (the next open, sweep or restore "
+                               "retries): %s", exc)
         return receipt
 
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
@@ -339,7 +432,8 @@ class S3T:
             return Receipt.from_dict(self.registry.receipt_in(conn, seen["request_id"])) if seen else None
 
     def _ledger_key(self) -> bytes:
-        return bytes.fromhex(self.registry.get_meta("ledger_key"))
+        """The HMAC key of subject digests and request fingerprints (its own 0600 file, not the database)."""
+        return self._ledger
 
     def receipts(self) -> list[Receipt]:
         """Every deletion receipt in the ledger, oldest first."""

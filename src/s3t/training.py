@@ -147,12 +147,7 @@ class Trainer:
         """
         members, rows = self.registry.live_shard(shard)
         label_index = {label: k for k, label in enumerate(self.labels)}
-        self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])
-        # A deletion that shredded a record while `fill` was computing it may have been overwritten by
-        # `fill`'s write: shred again whatever is deleted by now (later deletions find the file and shred it).
-        erased = [i for i, (_shard, _slice, deleted) in self.registry.locate(sorted(rows)).items() if deleted]
-        if erased:
-            self.cache.shred(erased)
+        self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])   # writes live records only
         targets = {i: label_index[label] for i, (_text, label) in rows.items()}
         for order in orders:
             lineages = self.lineages(order["slices"], members)
@@ -170,7 +165,8 @@ class Trainer:
             on_order(order, lineages)
 
     def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str]) -> None:
-        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row)."""
+        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row,
+        and a file left without its row is shredded by the run's sweep: see `S3T.sweep`)."""
         sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
         with self.registry.transaction() as conn:
             self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),

@@ -70,6 +70,7 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
+        self.system.sweep()   # shred what a crash left: retired stages, and orphans unless a trainer runs
         if self.settings.preload:
             threading.Thread(target=self._load_model, name="s3t-preload", daemon=True).start()
         if self.worker is not None:

@@ -1,7 +1,9 @@
 """Flagged deletion requests: the capacity guard's alerts, and holds that wait for an admin.
 
 A held request is stored with its content (ids, subjects, reference) until an admin applies or rejects
-it; then the content is erased and only the decision remains. Nothing is dropped: a held request stays
+it; then the content is erased and only the decision remains. The content is sealed under a key of its
+own (the registry seals and unseals it), and that key is destroyed once the decision has committed, so
+copies of it left in the database's journal or in freed blocks are unreadable. Nothing is dropped: a held request stays
 pending across restarts until someone decides. Applying runs the deletion under the idempotency key
 `flag:<id>`, so an apply interrupted by a crash and retried deletes once.
 """
@@ -53,8 +55,7 @@ class Flag:
 
 
 def fingerprint(system: "S3T", *, ids: Sequence[str], subjects: Sequence[str], reference: str | None) -> str:
-    key = bytes.fromhex(system.registry.get_meta("ledger_key"))
-    return request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
+    return request_fingerprint(system._ledger_key(), ids=ids, subjects=subjects, reference=reference)
 
 
 def hold(system: "S3T", *, token_id: str | None, ids: Sequence[str], subjects: Sequence[str], reference: str | None,
@@ -106,15 +107,17 @@ def apply(system: "S3T", flag_id: str, *, decided_by: str | None, note: str | No
     with system.registry.transaction() as conn:
         system.registry.decide_flagged(conn, flag_id, status="applied", request=None, request_id=receipt.request_id,
                                        decided_by=decided_by, note=note)
+    system.registry.keys.destroy([row["key_slot"]])   # after the commit (a crash before: `S3T.open` does it)
     return receipt
 
 
 def reject(system: "S3T", flag_id: str, *, decided_by: str | None, note: str | None = None) -> Flag:
     """Reject a pending hold: nothing is deleted, its stored content is erased, the decision is kept."""
-    _pending(system, flag_id)
+    row = _pending(system, flag_id)
     with system.registry.transaction() as conn:
         system.registry.decide_flagged(conn, flag_id, status="rejected", request=None, decided_by=decided_by,
                                        note=note)
+    system.registry.keys.destroy([row["key_slot"]])   # after the commit (a crash before: `S3T.open` does it)
     return get_flag(system, flag_id)
 
 
