@@ -41,6 +41,12 @@ records = Table(
     Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
     Column("subject_digest", String(64), index=True),  # keyed hash of the erased subject, for idempotency
 )
+cells = Table(  # live records per (shard, slice), kept by create and every deletion: no scan to read them
+    "cells", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("slice", Integer, primary_key=True),
+    Column("live", Integer, nullable=False),
+)
 orders = Table(
     "orders", metadata,
     Column("shard", Integer, primary_key=True),
@@ -63,6 +69,12 @@ artifacts = Table(
     Column("examples", Integer, nullable=False),
     Column("loss", Float),
     Column("created_at", String(40), nullable=False),
+    Column("environment", String(16)),               # fingerprint of the numeric environment it was trained in
+)
+environments = Table(  # the numeric environments stages were trained in (s3t.environment), by fingerprint
+    "environments", metadata,
+    Column("fingerprint", String(16), primary_key=True),
+    Column("description", Text, nullable=False),     # JSON: versions, device, CPU capability, dtype, threads
 )
 lineage = Table(  # which record ids each artifact saw: the evidence behind every receipt
     "lineage", metadata,
@@ -201,6 +213,19 @@ class Registry:
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
         for start in range(0, len(rows), 5000):
             conn.execute(records.insert(), list(rows[start:start + 5000]))
+        self._count(conn, rows, +1)
+
+    def add_cells(self, conn: Connection, shape: tuple[int, int]) -> None:
+        """One count per (shard, slice) of a `shape` = (shards, slices) grid, all zero."""
+        conn.execute(cells.insert(), [dict(shard=m, slice=s, live=0) for m in range(shape[0]) for s in range(shape[1])])
+
+    def _count(self, conn: Connection, rows: Iterable[dict], sign: int) -> None:
+        changes: dict[tuple[int, int], int] = defaultdict(int)
+        for row in rows:
+            changes[row["shard"], row["slice"]] += sign
+        for (shard, slice_), n in changes.items():
+            conn.execute(cells.update().where(cells.c.shard == shard, cells.c.slice == slice_)
+                         .values(live=cells.c.live + n))
 
     def live_members(self, shard: int) -> dict[int, list[str]]:
         """Live record ids of each slice of a shard, sorted."""
@@ -252,6 +277,7 @@ class Registry:
                 .values(text=None, label=None, subject=None, deleted_in=request_id,
                         subject_digest=digest(row["subject"]) if row["subject"] is not None else None)
             )
+        self._count(conn, rows, -1)
 
     def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int, bool]]:
         out = {}
@@ -309,14 +335,26 @@ class Registry:
         return row._asdict() if row else None
 
     def add_artifact(self, conn: Connection, *, lineage_hash: str, sha256: str, stage: int, examples: int,
-                     loss: float | None, record_ids: Iterable[str]) -> None:
+                     loss: float | None, record_ids: Iterable[str], environment: str) -> None:
         conn.execute(artifacts.delete().where(artifacts.c.lineage == lineage_hash))
         conn.execute(lineage.delete().where(lineage.c.artifact == lineage_hash))
-        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage,
-                                               examples=examples, loss=loss, created_at=utcnow()))
+        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage, examples=examples,
+                                               loss=loss, created_at=utcnow(), environment=environment))
         rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
         for start in range(0, len(rows), 5000):
             conn.execute(lineage.insert(), rows[start:start + 5000])
+
+    def add_environment(self, conn: Connection, fingerprint: str, description: dict) -> None:
+        """Record a numeric environment once (its fingerprint names it in lineages and artifacts)."""
+        if conn.execute(select(environments.c.fingerprint).where(environments.c.fingerprint == fingerprint)).first():
+            return
+        conn.execute(environments.insert().values(fingerprint=fingerprint,
+                                                  description=json.dumps(description, sort_keys=True)))
+
+    def environments(self) -> dict[str, dict]:
+        """{fingerprint: description} of every environment a stage of this run was trained in."""
+        with self.engine.connect() as conn:
+            return {fp: json.loads(d) for fp, d in conn.execute(select(environments))}
 
     def artifact_hashes(self, lineages: Iterable[str]) -> dict[str, str]:
         wanted = list(set(lineages))
@@ -418,12 +456,13 @@ class Registry:
                                                  created_at=utcnow()))
 
     # -- capacity inputs ----------------------------------------------------------------------------
-    def live_counts(self) -> dict[tuple[int, int], int]:
-        """Live records per (shard, slice)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(records.c.shard, records.c.slice, func.count())
-                                .where(records.c.deleted_in.is_(None)).group_by(records.c.shard, records.c.slice))
-            return {(shard, sl): n for shard, sl, n in rows}
+    def live_counts(self, conn: Connection | None = None) -> dict[tuple[int, int], int]:
+        """Live records per (shard, slice), every cell included (a small table: no scan of the records)."""
+        q = select(cells.c.shard, cells.c.slice, cells.c.live)
+        if conn is not None:
+            return {(shard, sl): n for shard, sl, n in conn.execute(q)}
+        with self.engine.connect() as c:
+            return {(shard, sl): n for shard, sl, n in c.execute(q)}
 
     def deleted_ids(self) -> list[str]:
         with self.engine.connect() as conn:
