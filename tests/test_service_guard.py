@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import s3t
 from s3t.errors import AuthError, DataError, ForbiddenError, PlanError, RateLimitError
 from s3t.service import guard as guard_module
 from s3t.service.auth import authenticate, create_token, list_tokens, require, revoke_token
@@ -243,3 +244,31 @@ def test_expired_idempotency_keys_are_purged_by_an_index_range(trained):
     assert "ix_idempotency_created_at" in plan, plan
     with reg.engine.connect() as conn:
         assert list(conn.execute(select(idempotency.c.key)).scalars()) == ["k2"]
+
+
+def test_a_run_from_before_the_counts_and_indexes_gains_them_when_opened(trained):
+    # An older registry: flagged_requests without the count columns, no service indexes; opening adds them.
+    import sqlite3
+
+    from s3t.service import review
+
+    path, run_dir = trained.run_dir / "registry.sqlite", trained.run_dir
+    flag = review.hold(trained, token_id="t", ids=["a", "b"], subjects=[], reference=None, reason="test")
+    trained.close()
+    with sqlite3.connect(path) as db:
+        for index in ("ix_flagged_created", "ix_flagged_status_created", "ix_flagged_token_status",
+                      "ix_flagged_decided", "ix_idempotency_created_at"):
+            db.execute(f"DROP INDEX {index}")
+        db.execute("ALTER TABLE flagged_requests DROP COLUMN id_count")
+        db.execute("ALTER TABLE flagged_requests DROP COLUMN subject_count")
+    system = s3t.S3T.open(run_dir)
+    try:
+        with sqlite3.connect(path) as db:
+            indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            columns = {r[1] for r in db.execute("PRAGMA table_info(flagged_requests)")}
+        assert {"ix_flagged_created", "ix_idempotency_created_at"} <= indexes and {"id_count", "subject_count"} <= columns
+        page, following = review.flags(system)
+        assert [(f.id, f.id_count) for f in page] == [(flag.id, None)] and following is None   # counted before: unknown
+        assert review.get_flag(system, flag.id).ids == ("a", "b") and review.pending(system, token_id="t") == 1
+    finally:
+        system.close()

@@ -112,8 +112,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         service.metrics.rejected.labels("invalid").inc()
-        detail = [{"loc": list(e.get("loc", ())), "type": str(e.get("type", "")),
-                   "msg": str(e.get("msg", "")) + (f": {e['ctx']['error']}" if "error" in (e.get("ctx") or {}) else "")}
+        detail = [{"loc": list(e.get("loc", ())), "msg": _message(e), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
         return JSONResponse({"error": "ValidationError", "detail": detail}, status_code=422)
 
@@ -203,6 +202,14 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         return Response(await reads.run(service.metrics.render), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _message(error: dict) -> str:
+    """A validation error's message; for malformed JSON, with the parser's reason (e.g. a duplicate key)."""
+    message = str(error.get("msg", ""))
+    if error.get("type") == "json_invalid" and "error" in (error.get("ctx") or {}):
+        message += f": {error['ctx']['error']}"
+    return message
 
 
 def _scrubber(service: Service) -> Callable[[str], str]:
