@@ -267,6 +267,14 @@ def test_another_tokens_receipt_or_hold_is_simply_not_found(hardened):
     assert (theirs.json()["detail"].replace(receipt["request_id"], "ID")
             == missing.json()["detail"].replace("0123456789abcdef", "ID"))
     assert str(run_dir) not in missing.text and "ledger" not in missing.text
+    cells = by_cell(run_dir)
+    held = srv.client(tokens["deleter"]).post("/v1/deletions", json={"ids": [ids[0] for ids in cells.values()]})
+    assert held.status_code == 202, held.text   # it would take every shard out
+    flag_id = held.json()["flag"]["id"]
+    theirs = srv.client(tokens["other"]).get(f"/v1/review/{flag_id}")
+    missing = srv.client(tokens["other"]).get("/v1/review/0123456789abcdef")
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["detail"].replace(flag_id, "ID") == missing.json()["detail"].replace("0123456789abcdef", "ID")
 
 
 def test_duplicate_json_keys_are_refused(hardened):
