@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event, func,
+                        inspect, select, tuple_, update)
 from sqlalchemy.engine import Connection, Engine, make_url
 
 __all__ = ["Registry", "utcnow"]
@@ -104,6 +104,7 @@ idempotency = Table(  # a client's idempotency key -> the deletion it made; writ
     Column("fingerprint", String(64), nullable=False),  # hash of the request, to refuse a key reused for another
     Column("request_id", String(64), nullable=False),
     Column("created_at", String(40), nullable=False),
+    Index("ix_idempotency_created_at", "created_at"),   # expired keys are purged by range, not by scan
 )
 tokens = Table(  # HTTP service tokens; only a SHA-256 of each secret is stored
     "tokens", metadata,
@@ -137,7 +138,14 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
     Column("decided_at", String(40)),
     Column("decided_by", String(32)),
     Column("note", Text),
+    Column("id_count", Integer),                    # how many ids and subjects the request named (kept after
+    Column("subject_count", Integer),               # the decision; NULL for requests flagged before v0.1 kept them)
+    Index("ix_flagged_created", "created_at", "id"),             # the review listing, page by page
+    Index("ix_flagged_status_created", "status", "created_at", "id"),
+    Index("ix_flagged_token_status", "token_id", "status"),      # a token's pending holds (the cap)
+    Index("ix_flagged_decided", "decided_at"),                   # expiring decided requests' idempotency keys
 )
+FLAG_SUMMARY = [c for c in flagged.c if c.name not in ("request", "fingerprint", "idempotency_key")]
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock key that serialises writers on PostgreSQL
@@ -174,12 +182,24 @@ class Registry:
             event.listen(self.engine, "begin", _sqlite_begin)
 
     def create_schema(self) -> None:
-        """Create the tables that are missing (all for a new run; tables added since, for an older one).
+        """Create the tables that are missing (all for a new run; tables, nullable columns and indexes
+        added since, for an older one).
 
         Under the write lock: two processes opening an older run at once do not both create a table.
         """
         with self.transaction() as conn:
+            existing = set(inspect(conn).get_table_names())
             metadata.create_all(conn)
+            for table in metadata.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        ddl = column.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl}')
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -455,6 +475,15 @@ class Registry:
         conn.execute(idempotency.insert().values(key=key, fingerprint=fingerprint, request_id=request_id,
                                                  created_at=utcnow()))
 
+    def expire_idempotent(self, conn: Connection, *, before: str, key: str | None = None) -> int:
+        """Forget idempotency keys created before `before` (ISO time; by index range), or just `key` if
+        it is that old; also decided held requests' keys. Returns how many keys went."""
+        q = idempotency.delete().where(idempotency.c.created_at < before)
+        gone = conn.execute(q if key is None else q.where(idempotency.c.key == key)).rowcount
+        q = (update(flagged).where(flagged.c.decided_at < before, flagged.c.status != "pending",
+                                   flagged.c.idempotency_key.is_not(None)).values(idempotency_key=None))
+        return gone + conn.execute(q if key is None else q.where(flagged.c.idempotency_key == key)).rowcount
+
     # -- capacity inputs ----------------------------------------------------------------------------
     def live_counts(self, conn: Connection | None = None) -> dict[tuple[int, int], int]:
         """Live records per (shard, slice), every cell included (a small table: no scan of the records)."""
@@ -493,6 +522,7 @@ class Registry:
                                                                  token_usage.c.day == day)).scalar() or 0
 
     def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
+        """Count `items` (negative: take them back) towards a token's usage of `day`."""
         done = conn.execute(update(token_usage).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
                             .values(used=token_usage.c.used + items))
         if done.rowcount == 0:
@@ -516,5 +546,35 @@ class Registry:
         with self.engine.connect() as c:
             return [r._asdict() for r in c.execute(q)]
 
-    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> None:
-        conn.execute(update(flagged).where(flagged.c.id == flag_id).values(decided_at=utcnow(), **values))
+    def flagged_page(self, *, status: str | None = None, after: tuple[str, str] | None = None,
+                     limit: int = 100) -> list[dict]:
+        """One page of flagged requests without their content, oldest first, after (created_at, id)."""
+        q = select(*FLAG_SUMMARY).order_by(flagged.c.created_at, flagged.c.id).limit(limit)
+        if status is not None:
+            q = q.where(flagged.c.status == status)
+        if after is not None:
+            q = q.where(tuple_(flagged.c.created_at, flagged.c.id) > tuple_(*after))
+        with self.engine.connect() as conn:
+            return [r._asdict() for r in conn.execute(q)]
+
+    def flag_position(self, flag_id: str) -> tuple[str, str] | None:
+        """(created_at, id) of a flagged request, the listing's cursor; None if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(flagged.c.created_at, flagged.c.id).where(flagged.c.id == flag_id)).first()
+        return tuple(row) if row else None
+
+    def count_flagged(self, conn: Connection | None = None, *, status: str, token_id: str | None = None) -> int:
+        """How many flagged requests have `status` (of one token, if given): by index, no content read."""
+        q = select(func.count()).select_from(flagged).where(flagged.c.status == status)
+        if token_id is not None:
+            q = q.where(flagged.c.token_id == token_id)
+        if conn is not None:
+            return conn.execute(q).scalar() or 0
+        with self.engine.connect() as c:
+            return c.execute(q).scalar() or 0
+
+    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> bool:
+        """Decide a pending flagged request; False if it was no longer pending (decided meanwhile)."""
+        done = conn.execute(update(flagged).where(flagged.c.id == flag_id, flagged.c.status == "pending")
+                            .values(decided_at=utcnow(), **values))
+        return done.rowcount > 0
