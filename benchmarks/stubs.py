@@ -6,7 +6,7 @@ import torch
 
 from s3t.training import StageResult, Trainer
 
-TRAINER_FIELDS = ("backbone", "registry", "store", "training", "base_digest", "labels", "epochs",
+TRAINER_FIELDS = ("backbone", "registry", "store", "training", "base_digest", "environment", "labels", "epochs",
                   "learning_rate", "batch_size")
 
 

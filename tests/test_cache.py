@@ -35,11 +35,12 @@ def test_cache_is_shredded_on_deletion(trained, tiny_data):
     assert not any(p.suffix == ".tmp" for p in (trained.run_dir / CACHE_DIR).rglob("*"))
 
 
-def test_cache_key_changes_with_model_length_and_boundaries():
-    base = cache_key(base_model="a" * 64, max_length=32, boundaries=[1, 0])
-    assert base != cache_key(base_model="b" * 64, max_length=32, boundaries=[1, 0])
-    assert base != cache_key(base_model="a" * 64, max_length=64, boundaries=[1, 0])
-    assert base != cache_key(base_model="a" * 64, max_length=32, boundaries=[1])
+def test_cache_key_changes_with_model_length_boundaries_and_environment():
+    key = dict(base_model="a" * 64, max_length=32, boundaries=[1, 0], environment="e" * 16)
+    base = cache_key(**key)
+    assert base == cache_key(**dict(key))
+    for change in (dict(base_model="b" * 64), dict(max_length=64), dict(boundaries=[1]), dict(environment="f" * 16)):
+        assert base != cache_key(**(key | change)), change
 
 
 def test_a_new_key_wipes_the_stale_cache(trained, tiny_data):
@@ -47,7 +48,7 @@ def test_a_new_key_wipes_the_stale_cache(trained, tiny_data):
     old = trainer.cache
     old.fill(trainer.backbone, [tiny_data[0].id], lambda i: tiny_data.get(i).text)
     assert old.root.is_dir()
-    new_key = cache_key(base_model="another model", max_length=32, boundaries=old.boundaries)
+    new_key = cache_key(base_model="another model", max_length=32, boundaries=old.boundaries, environment="e" * 16)
     fresh = TrunkCache(trained.run_dir, key=new_key, boundaries=old.boundaries, registry=trained.registry)
     assert not old.root.exists()
     assert fresh.missing([tiny_data[0].id]) == [tiny_data[0].id]

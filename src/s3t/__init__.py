@@ -12,9 +12,9 @@ Importing s3t is cheap: torch and transformers load only when a model is trained
 from __future__ import annotations
 
 from . import datasets
-from .errors import (AuthError, ConflictError, DataError, ForbiddenError, IntegrityError, NeedsRestoreError,
-                     NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError, RunError,
-                     RunExistsError, RunNotFoundError, S3TError)
+from .errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenError, IntegrityError,
+                     NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError,
+                     RunError, RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
 from .records import Dataset, Record
 
@@ -25,7 +25,7 @@ __all__ = [
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
-    "RateLimitError",
+    "RateLimitError", "BusyError",
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
 ]
 

@@ -7,7 +7,8 @@ and reused by all of them. These properties keep training bit-exact and erasure 
 - a record's value never depends on the other records in its batch: batches always have the same shape
   (the last one is padded by repeating a row), and a transformer mixes no information across rows;
 - the cache lives under a key of everything that changes the values (base model digest, max length,
-  boundaries): a different key means a different folder, and stale folders are shredded;
+  boundaries, numeric environment): a different key means a different folder, and stale folders are
+  shredded;
 - each file is sealed (AES-GCM) under its record's key, so whatever copy of it lingers dies with the key;
 - the cache lock (a `flock` every process of the run shares) orders fills and deletions. A fill computes
   a batch without it, then, under it, keeps only the records still live and writes those; a deletion
@@ -48,8 +49,10 @@ class CacheMiss(KeyError):
     """A record's cached state vanished: it was deleted while training was using it."""
 
 
-def cache_key(*, base_model: str, max_length: int, boundaries: Sequence[int]) -> str:
-    payload = {"base_model": base_model, "max_length": max_length, "boundaries": list(boundaries), "dtype": "float32"}
+def cache_key(*, base_model: str, max_length: int, boundaries: Sequence[int], environment: str) -> str:
+    # The environment too: hidden states computed on another numeric stack must not feed this one's training.
+    payload = {"base_model": base_model, "max_length": max_length, "boundaries": list(boundaries),
+               "environment": environment}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -14,7 +14,8 @@
     ├── ConflictError        an idempotency key reused for another request; a decided held request
     ├── AuthError            a service token is missing, unknown or revoked (HTTP 401)
     │   └── ForbiddenError   the token is valid but lacks the role the endpoint needs (HTTP 403)
-    └── RateLimitError       a token exceeded its request rate or daily quota (HTTP 429)
+    ├── RateLimitError       a token exceeded its request rate, daily quota or held requests (HTTP 429)
+    └── BusyError            the service has as many predictions waiting as it queues (HTTP 503)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "AuthError",
     "ForbiddenError",
     "RateLimitError",
+    "BusyError",
 ]
 
 
@@ -97,6 +99,14 @@ class ForbiddenError(AuthError):
 
 class RateLimitError(S3TError):
     """A token exceeded its request rate or its daily deletion quota; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BusyError(S3TError):
+    """The service's prediction queue is full; retry after `retry_after` seconds."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, create_engine, event, func,
-                        select, union_all, update)
+from sqlalchemy import (Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, create_engine,
+                        event, func, inspect, select, tuple_, union_all, update)
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from .keystore import KeyStore, aad, seal, unseal
@@ -47,6 +47,12 @@ records = Table(
     Column("shard", Integer, nullable=False),
     Column("slice", Integer, nullable=False),
     Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
+)
+cells = Table(  # live records per (shard, slice), kept by create and every deletion: no scan to read them
+    "cells", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("slice", Integer, primary_key=True),
+    Column("live", Integer, nullable=False),
 )
 orders = Table(
     "orders", metadata,
@@ -70,6 +76,12 @@ artifacts = Table(
     Column("examples", Integer, nullable=False),
     Column("loss", Float),
     Column("created_at", String(40), nullable=False),
+    Column("environment", String(16)),               # fingerprint of the numeric environment it was trained in
+)
+environments = Table(  # the numeric environments stages were trained in (s3t.environment), by fingerprint
+    "environments", metadata,
+    Column("fingerprint", String(16), primary_key=True),
+    Column("description", Text, nullable=False),     # JSON: versions, device, CPU capability, dtype, threads
 )
 lineage = Table(  # which record ids each artifact saw: the evidence behind every receipt
     "lineage", metadata,
@@ -99,6 +111,7 @@ idempotency = Table(  # a client's idempotency key -> the deletion it made; writ
     Column("fingerprint", String(64), nullable=False),  # hash of the request, to refuse a key reused for another
     Column("request_id", String(64), nullable=False),
     Column("created_at", String(40), nullable=False),
+    Index("ix_idempotency_created_at", "created_at"),   # expired keys are purged by range, not by scan
 )
 tokens = Table(  # HTTP service tokens; only a SHA-256 of each secret is stored
     "tokens", metadata,
@@ -133,7 +146,14 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
     Column("decided_at", String(40)),
     Column("decided_by", String(32)),
     Column("note", Text),
+    Column("id_count", Integer),                    # how many ids and subjects the request named (kept after
+    Column("subject_count", Integer),               # the decision; NULL for requests flagged before v0.1 kept them)
+    Index("ix_flagged_created", "created_at", "id"),             # the review listing, page by page
+    Index("ix_flagged_status_created", "status", "created_at", "id"),
+    Index("ix_flagged_token_status", "token_id", "status"),      # a token's pending holds (the cap)
+    Index("ix_flagged_decided", "decided_at"),                   # expiring decided requests' idempotency keys
 )
+FLAG_SUMMARY = [c for c in flagged.c if c.name not in ("request", "key_slot", "fingerprint", "idempotency_key")]
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock key that serialises writers on PostgreSQL
@@ -171,12 +191,24 @@ class Registry:
             event.listen(self.engine, "begin", _sqlite_begin)
 
     def create_schema(self) -> None:
-        """Create the tables that are missing (all for a new run; tables added since, for an older one).
+        """Create the tables that are missing (all for a new run; tables, nullable columns and indexes
+        added since, for an older one).
 
         Under the write lock: two processes opening an older run at once do not both create a table.
         """
         with self.transaction() as conn:
+            existing = set(inspect(conn).get_table_names())
             metadata.create_all(conn)
+            for table in metadata.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        ddl = column.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl}')
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -218,6 +250,19 @@ class Registry:
                   for r, slot in zip(rows, slots)]
         for start in range(0, len(sealed), 5000):
             conn.execute(records.insert(), sealed[start:start + 5000])
+        self._count(conn, rows, +1)
+
+    def add_cells(self, conn: Connection, shape: tuple[int, int]) -> None:
+        """One count per (shard, slice) of a `shape` = (shards, slices) grid, all zero."""
+        conn.execute(cells.insert(), [dict(shard=m, slice=s, live=0) for m in range(shape[0]) for s in range(shape[1])])
+
+    def _count(self, conn: Connection, rows: Iterable[dict], sign: int) -> None:
+        changes: dict[tuple[int, int], int] = defaultdict(int)
+        for row in rows:
+            changes[row["shard"], row["slice"]] += sign
+        for (shard, slice_), n in changes.items():
+            conn.execute(cells.update().where(cells.c.shard == shard, cells.c.slice == slice_)
+                         .values(live=cells.c.live + n))
 
     def live_members(self, shard: int) -> dict[int, list[str]]:
         """Live record ids of each slice of a shard, sorted."""
@@ -273,6 +318,7 @@ class Registry:
         for start in range(0, len(ids), 900):
             conn.execute(records.update().where(records.c.id.in_(ids[start:start + 900]))
                          .values(text=None, label=None, deleted_in=request_id))
+        self._count(conn, rows, -1)
 
     def key_slots(self, ids: Sequence[str], *, live_only: bool = False) -> dict[str, int]:
         """{id: key slot} of these records (only the live ones with `live_only`), by index lookups."""
@@ -364,11 +410,11 @@ class Registry:
         return row._asdict() if row else None
 
     def add_artifact(self, conn: Connection, *, lineage_hash: str, sha256: str, stage: int, examples: int,
-                     loss: float | None, record_ids: Iterable[str]) -> None:
+                     loss: float | None, record_ids: Iterable[str], environment: str) -> None:
         conn.execute(artifacts.delete().where(artifacts.c.lineage == lineage_hash))
         conn.execute(lineage.delete().where(lineage.c.artifact == lineage_hash))
-        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage,
-                                               examples=examples, loss=loss, created_at=utcnow()))
+        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage, examples=examples,
+                                               loss=loss, created_at=utcnow(), environment=environment))
         rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
         for start in range(0, len(rows), 5000):
             conn.execute(lineage.insert(), rows[start:start + 5000])
@@ -377,6 +423,18 @@ class Registry:
         """Every registered artifact."""
         with self.engine.connect() as conn:
             return set(conn.execute(select(artifacts.c.lineage)).scalars())
+
+    def add_environment(self, conn: Connection, fingerprint: str, description: dict) -> None:
+        """Record a numeric environment once (its fingerprint names it in lineages and artifacts)."""
+        if conn.execute(select(environments.c.fingerprint).where(environments.c.fingerprint == fingerprint)).first():
+            return
+        conn.execute(environments.insert().values(fingerprint=fingerprint,
+                                                  description=json.dumps(description, sort_keys=True)))
+
+    def environments(self) -> dict[str, dict]:
+        """{fingerprint: description} of every environment a stage of this run was trained in."""
+        with self.engine.connect() as conn:
+            return {fp: json.loads(d) for fp, d in conn.execute(select(environments))}
 
     def artifact_hashes(self, lineages: Iterable[str]) -> dict[str, str]:
         wanted = list(set(lineages))
@@ -477,13 +535,23 @@ class Registry:
         conn.execute(idempotency.insert().values(key=key, fingerprint=fingerprint, request_id=request_id,
                                                  created_at=utcnow()))
 
+    def expire_idempotent(self, conn: Connection, *, before: str, key: str | None = None) -> int:
+        """Forget idempotency keys created before `before` (ISO time; by index range), or just `key` if
+        it is that old; also decided held requests' keys. Returns how many keys went."""
+        q = idempotency.delete().where(idempotency.c.created_at < before)
+        gone = conn.execute(q if key is None else q.where(idempotency.c.key == key)).rowcount
+        q = (update(flagged).where(flagged.c.decided_at < before, flagged.c.status != "pending",
+                                   flagged.c.idempotency_key.is_not(None)).values(idempotency_key=None))
+        return gone + conn.execute(q if key is None else q.where(flagged.c.idempotency_key == key)).rowcount
+
     # -- capacity inputs ----------------------------------------------------------------------------
-    def live_counts(self) -> dict[tuple[int, int], int]:
-        """Live records per (shard, slice)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(records.c.shard, records.c.slice, func.count())
-                                .where(records.c.deleted_in.is_(None)).group_by(records.c.shard, records.c.slice))
-            return {(shard, sl): n for shard, sl, n in rows}
+    def live_counts(self, conn: Connection | None = None) -> dict[tuple[int, int], int]:
+        """Live records per (shard, slice), every cell included (a small table: no scan of the records)."""
+        q = select(cells.c.shard, cells.c.slice, cells.c.live)
+        if conn is not None:
+            return {(shard, sl): n for shard, sl, n in conn.execute(q)}
+        with self.engine.connect() as c:
+            return {(shard, sl): n for shard, sl, n in c.execute(q)}
 
     def deleted_ids(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -514,6 +582,7 @@ class Registry:
                                                                  token_usage.c.day == day)).scalar() or 0
 
     def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
+        """Count `items` (negative: take them back) towards a token's usage of `day`."""
         done = conn.execute(update(token_usage).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
                             .values(used=token_usage.c.used + items))
         if done.rowcount == 0:
@@ -547,5 +616,35 @@ class Registry:
             r["request"] = unseal(key, r["request"], aad("flag", r["id"])).decode() if key else None
         return found
 
-    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> None:
-        conn.execute(update(flagged).where(flagged.c.id == flag_id).values(decided_at=utcnow(), **values))
+    def flagged_page(self, *, status: str | None = None, after: tuple[str, str] | None = None,
+                     limit: int = 100) -> list[dict]:
+        """One page of flagged requests without their content, oldest first, after (created_at, id)."""
+        q = select(*FLAG_SUMMARY).order_by(flagged.c.created_at, flagged.c.id).limit(limit)
+        if status is not None:
+            q = q.where(flagged.c.status == status)
+        if after is not None:
+            q = q.where(tuple_(flagged.c.created_at, flagged.c.id) > tuple_(*after))
+        with self.engine.connect() as conn:
+            return [r._asdict() for r in conn.execute(q)]
+
+    def flag_position(self, flag_id: str) -> tuple[str, str] | None:
+        """(created_at, id) of a flagged request, the listing's cursor; None if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(flagged.c.created_at, flagged.c.id).where(flagged.c.id == flag_id)).first()
+        return tuple(row) if row else None
+
+    def count_flagged(self, conn: Connection | None = None, *, status: str, token_id: str | None = None) -> int:
+        """How many flagged requests have `status` (of one token, if given): by index, no content read."""
+        q = select(func.count()).select_from(flagged).where(flagged.c.status == status)
+        if token_id is not None:
+            q = q.where(flagged.c.token_id == token_id)
+        if conn is not None:
+            return conn.execute(q).scalar() or 0
+        with self.engine.connect() as c:
+            return c.execute(q).scalar() or 0
+
+    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> bool:
+        """Decide a pending flagged request; False if it was no longer pending (decided meanwhile)."""
+        done = conn.execute(update(flagged).where(flagged.c.id == flag_id, flagged.c.status == "pending")
+                            .values(decided_at=utcnow(), **values))
+        return done.rowcount > 0

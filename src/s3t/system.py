@@ -16,12 +16,13 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError,
-                     RunError, RunExistsError, RunNotFoundError, S3TError)
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, RunBusyError, RunError,
+                     RunExistsError, RunNotFoundError, S3TError)
 from .files import FileLock, create_private, private_dir, shred, write_private
 from .keystore import KeyStore
 from .orders import select_orders
@@ -30,7 +31,10 @@ from .plan import Plan
 from .records import Dataset, check_labels
 from .registry import Registry
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, delete, preview, rebuild, subject_digest
+from .unlearning import Receipt, delete, preview, rebuild, restorable, subject_digest
+
+if TYPE_CHECKING:
+    from .environment import NumericEnvironment
 
 __all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
 
@@ -55,6 +59,7 @@ class ShardStatus:
     served_order: int | None        # position of the served order within the shard; None if the shard is down
     served_depth: int               # layer groups in use (0 = the shard is out of the ensemble)
     deletions_to_drop: int          # fewest further deletions that take the shard out of the ensemble
+    empty_slices: tuple[int, ...] = ()   # slices with no live record: orders starting there are never trained
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class Status:
     live_records: int
     deleted_records: int
     served_version: int
-    truncated_orders: int           # orders below full depth: what `restore()` would retrain
+    truncated_orders: int           # orders below the depth training would give them: what `restore()` retrains
     shards: tuple[ShardStatus, ...]
 
     @property
@@ -88,7 +93,7 @@ class S3T:
         self.run_dir = run_dir
         self.plan = plan
         self.registry = registry
-        self.labels: tuple[str, ...] = tuple(json.loads(registry.get_meta("labels") or "[]"))
+        self.labels: tuple[str, ...] = plan.labels or ()
         self._ledger = ledger_key
         self._trainer = None
 
@@ -111,15 +116,16 @@ class S3T:
         model_path = resolve_model_path(plan.base_model)
         blocks = count_blocks(model_path)
         plan.blocks_for(blocks)
-        plan.check_dataset_size(len(data))
+        plan = _resolve(plan, data)
         assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices,
                                placement=plan.placement, risky_slices=plan.risky_slices,
                                risk_threshold=plan.risk_threshold)
         sizes = slice_sizes(assignment, num_shards=plan.num_shards, num_slices=plan.num_slices)
-        if (sizes == 0).any():
-            shard, slice_ = (int(v) for v in np.argwhere(sizes == 0)[0])
-            raise PlanError(f"shard {shard} slice {slice_} would get no records ({len(data)} records over "
-                            f"{plan.num_shards}x{plan.num_slices} slices); use fewer `num_shards` or `num_slices`")
+        if (sizes == 0).any():   # allowed (see truncation.attainable_depth), but rarely what the user meant
+            empty = [f"shard {m} slice {s}" for m, s in np.argwhere(sizes == 0)]
+            logger.warning("%d of %d cells get no records (%s%s): orders that start with an empty slice are never "
+                           "trained; use fewer shards or slices if that is not what you want", len(empty), sizes.size,
+                           ", ".join(empty[:5]), " ..." if len(empty) > 5 else "")
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         private_dir(run_dir)
         url = database_url or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
@@ -134,8 +140,8 @@ class S3T:
             registry.create_schema()
             with registry.transaction() as conn:
                 registry.set_meta(conn, "plan", plan.to_json())
-                registry.set_meta(conn, "labels", json.dumps(list(data.labels)))
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
+                registry.add_cells(conn, (plan.num_shards, plan.num_slices))
                 registry.insert_records(conn, [   # sealed by the registry, each under a key of its own
                     dict(id=r.id, text=r.text, label=r.label, shard=assignment[r.id][0], slice=assignment[r.id][1],
                          subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
@@ -273,12 +279,23 @@ class S3T:
                                 lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
             boundaries = [backbone.group_start(g) for g in range(1, groups + 1)]
             cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
-                               key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries))
+                               key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
+                                             environment=self.environment().fingerprint))
             self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
-                                    training=p.training_fields(blocks), base_digest=digest, labels=self.labels,
+                                    training=p.training_fields(blocks), base_digest=digest,
+                                    environment=self.environment(), labels=self.labels,
                                     epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size)
         return self._trainer
+
+    def environment(self) -> "NumericEnvironment":
+        """The numeric environment this process trains in: the run's pinned thread count on this machine's
+        stack. Stages trained in another environment have other lineages and are never reused here."""
+        import torch
+
+        from .environment import current
+
+        return current(threads=self.plan.num_threads or torch.get_num_threads())
 
     def train(self, *, progress: bool = True) -> "S3T":
         """Train every order of every shard to full depth (resumes an interrupted run)."""
@@ -302,7 +319,7 @@ class S3T:
 
     def _rebuild_holding_lock(self, progress: bool, what: str) -> int:
         trainer = self.trainer
-        todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
+        todo = restorable(self.registry)
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
         try:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
@@ -360,9 +377,12 @@ class S3T:
                                     "(call restore() or `s3t restore`)")
         if not texts:
             return Prediction((), np.zeros((0, len(self.labels)), dtype=np.float32), version)
+        from .environment import pinned
+
         trainer = self.trainer
         try:
-            logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+            with pinned(trainer.environment):
+                logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
         except ArtifactRetired:
             # A deletion switched the served set and retired a stage of the old one mid-call: answer from
             # the new served set. With no switch, a missing served stage is a real fault: let it surface.
@@ -449,6 +469,7 @@ class S3T:
         version, components = self.registry.served()
         served = {c["shard"]: c for c in components}
         live, deleted = self.registry.count_records()
+        counts = self.registry.live_counts()
         shards = []
         for s in range(self.plan.num_shards):
             mine = [o for o in orders if o["shard"] == s]
@@ -457,9 +478,26 @@ class S3T:
                 shard=s, live_orders=sum(d > 0 for d in depths), orders=len(mine),
                 served_order=served[s]["position"] if s in served else None,
                 served_depth=served[s]["depth"] if s in served else 0,
-                deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths)))
+                deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths),
+                empty_slices=tuple(sl for sl in range(self.plan.num_slices) if not counts.get((s, sl)))))
         return Status(trained=version > 0, live_records=live, deleted_records=deleted, served_version=version,
-                      truncated_orders=sum(o["depth"] < len(o["slices"]) for o in orders), shards=tuple(shards))
+                      truncated_orders=len(restorable(self.registry, orders=orders, counts=counts)),
+                      shards=tuple(shards))
+
+
+def _resolve(plan: Plan, data: Dataset) -> Plan:
+    """The plan as the run stores it: label space and thread count fixed, so that a fresh run created with
+    the stored plan trains the same task in the same way (whatever data it gets and wherever it runs)."""
+    import torch
+
+    if plan.labels is None:
+        plan = plan.replace(labels=data.labels)
+    elif unknown := sorted(set(data.labels) - set(plan.labels)):
+        raise DataError(f"the data has label(s) {', '.join(map(repr, unknown))} that the plan's `labels` "
+                        f"{list(plan.labels)!r} does not declare; add them to `labels` or drop those records")
+    if plan.num_threads is None:
+        plan = plan.replace(num_threads=torch.get_num_threads())
+    return plan
 
 
 def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .cache import CacheMiss, TrunkCache
+from .environment import NumericEnvironment, pinned
 from .errors import IntegrityError
 from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
 from .registry import Registry
 from .store import ArtifactStore
+from .truncation import attainable_depth
 
 __all__ = ["Trainer", "StageResult", "ArtifactRetired"]
 
@@ -45,6 +47,7 @@ class Trainer:
     store: ArtifactStore
     training: dict              # plan.training_fields(): what a stage's computation depends on
     base_digest: str
+    environment: NumericEnvironment   # the numeric stack stages are trained on (pinned where it can be)
     labels: Sequence[str]
     epochs: int
     learning_rate: float
@@ -56,8 +59,9 @@ class Trainer:
     def lineages(self, order: Sequence[int], members: dict[int, list[str]]) -> list[str]:
         """Lineage hash of every stage of `order` on the shard's current members."""
         digests = [slice_digest(members.get(s, [])) for s in order]
-        return [lineage_hash(training=self.training, base_model=self.base_digest, labels=self.labels,
-                             prefix=digests[:i]) for i in range(1, len(order) + 1)]
+        return [lineage_hash(training=self.training, base_model=self.base_digest,
+                             environment=self.environment.fingerprint, prefix=digests[:i])
+                for i in range(1, len(order) + 1)]
 
     def load(self, lineage: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
         """An artifact's tensors, verified against the registry's hash the first time it is read."""
@@ -102,8 +106,9 @@ class Trainer:
         seed = stage_seed(lineage)
         # S3T: stage i trains group i from a fresh init. SISA (one group): every stage continues group 1.
         group = bb.groups_at(stage)
-        # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state.
-        with torch.random.fork_rng(devices=[]):
+        # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state; the
+        # thread count is the run's, whatever the process was started with.
+        with torch.random.fork_rng(devices=[]), pinned(self.environment):
             torch.manual_seed(seed)
             for parent in parents:          # group i + head of stage i; the last one leaves head = stage-1's
                 bb.load_state(self.load(parent))
@@ -147,9 +152,12 @@ class Trainer:
         """
         members, rows = self.registry.live_shard(shard)
         label_index = {label: k for k, label in enumerate(self.labels)}
-        self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])   # writes live records only
+        with pinned(self.environment):
+            self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])   # writes live records only
         targets = {i: label_index[label] for i, (_text, label) in rows.items()}
         for order in orders:
+            if not attainable_depth(order["slices"], members):
+                continue   # its first slice has no records left: never trained, never served (depth stays 0)
             lineages = self.lineages(order["slices"], members)
             try:
                 for stage in range(1, len(lineages) + 1):
@@ -169,9 +177,10 @@ class Trainer:
         and a file left without its row is shredded by the run's sweep: see `S3T.sweep`)."""
         sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
         with self.registry.transaction() as conn:
+            self.registry.add_environment(conn, self.environment.fingerprint, self.environment.to_dict())
             self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
                                        loss=result.epoch_losses[-1] if result.epoch_losses else None,
-                                       record_ids=ids)
+                                       record_ids=ids, environment=self.environment.fingerprint)
             # Writers are serialised: either a deletion of one of `ids` saw this row and retired it, or it
             # committed before this check, which retires the stage now (the rebuild's sweep shreds the file).
             stale = self.registry.saw_deleted(conn, [lineage])
@@ -183,5 +192,5 @@ class Trainer:
     def pending(self, shard: int, orders: Sequence[dict]) -> int:
         """Number of distinct stages `complete` would train for these orders (for progress bars)."""
         members = self.registry.live_members(shard)
-        todo = {h for o in orders for h in self.lineages(o["slices"], members)}
+        todo = {h for o in orders if attainable_depth(o["slices"], members) for h in self.lineages(o["slices"], members)}
         return sum(not self._usable(h) for h in todo)

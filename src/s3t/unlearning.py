@@ -3,8 +3,9 @@
 `delete` never trains and never scans the data: it looks records up by key, erases their content,
 truncates the orders of the shards they sat in, switches the served set, proves from the stored lineage
 that no served artifact saw a deleted id, retires every stage that did see one (their files are
-shredded once the deletion commits), and, once committed, destroys the records' keys. `rebuild` brings truncated orders back to full depth
-on the current data (it is also how a run is first trained), switching the served set order by order.
+shredded once the deletion commits), and, once committed, destroys the records' keys. `rebuild` brings
+truncated orders back to full depth on the current data (it is also how a run is first trained),
+switching the served set order by order.
 `preview` says what a deletion would do to each shard without doing it (the service's abuse guard).
 """
 
@@ -23,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from .errors import ConflictError, IntegrityError
 from .registry import Registry, utcnow
-from .truncation import choose_served, deletions_to_drop, truncate
+from .truncation import attainable_depth, choose_served, deletions_to_drop, truncate
 
 if TYPE_CHECKING:
     from .training import Trainer
 
-__all__ = ["Receipt", "delete", "preview", "rebuild", "served_component", "subject_digest"]
+__all__ = ["Receipt", "delete", "preview", "rebuild", "restorable", "served_component", "subject_digest"]
 
 
 @dataclass(frozen=True)
@@ -223,17 +224,26 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
     return {"records": len(live), "shards": shards}
 
 
+def restorable(registry: Registry, *, orders: Sequence[dict] | None = None,
+               counts: dict[tuple[int, int], int] | None = None) -> list[dict]:
+    """The orders below the depth a training on the current data gives them (`attainable_depth`)."""
+    orders = registry.orders() if orders is None else orders
+    counts = registry.live_counts() if counts is None else counts
+    live = {cell for cell, n in counts.items() if n > 0}
+    return [o for o in orders
+            if o["depth"] < attainable_depth(o["slices"], {sl for (m, sl) in live if m == o["shard"]})]
+
+
 def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None) -> int:
-    """Train every order that is below full depth on the current data; return how many were completed.
+    """Train every order that is below its attainable depth on the current data; return how many were completed.
 
     After each order, one transaction re-checks that none of its artifacts saw a record deleted while it
     trained (such a result is discarded and left for the next rebuild) and switches the served set.
     """
     completed = 0
     by_shard: dict[int, list[dict]] = defaultdict(list)
-    for o in registry.orders():
-        if o["depth"] < len(o["slices"]):
-            by_shard[o["shard"]].append(o)
+    for o in restorable(registry):
+        by_shard[o["shard"]].append(o)
 
     def commit(order: dict, lineages: list[str]) -> None:
         nonlocal completed

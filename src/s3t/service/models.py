@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints, model_validator
 
 __all__ = ["PredictRequest", "PredictResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
-           "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut", "HealthResponse",
+           "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
+           "HealthResponse",
            "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
 
 MAX_TEXTS = 256
@@ -110,6 +111,28 @@ class FlagOut(BaseModel):
     note: str | None
 
 
+class FlagSummaryOut(BaseModel):
+    """A flagged request in a listing: how many ids and subjects it named, never the ids themselves."""
+
+    id: str
+    created_at: str
+    token_id: str | None
+    action: Literal["alert", "hold"]
+    status: Literal["pending", "applied", "rejected"]
+    reason: str
+    id_count: int | None = Field(description="Ids the request named (null: flagged before counts were kept).")
+    subject_count: int | None
+    request_id: str | None
+    decided_at: str | None
+    decided_by: str | None
+    note: str | None
+
+
+class FlagPage(BaseModel):
+    flags: list[FlagSummaryOut]
+    next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
+
+
 class HeldResponse(BaseModel):
     status: Literal["held"] = "held"
     flag: FlagOut
@@ -129,17 +152,22 @@ class ShardOut(BaseModel):
 
 
 class StatusResponse(BaseModel):
+    """Everyone with access sees the first six fields; the rest only a `metrics` or admin token."""
+
     trained: bool
     serving: bool
     served_version: int
-    live_records: int
-    deleted_records: int
-    truncated_orders: int
-    capacity_left: int = Field(description="Fewest deletions that take some live shard out of the ensemble.")
-    shards: list[ShardOut]
-    restoration: dict[str, Any]
-    held_requests: int
+    live_shards: int = Field(description="Shards in the ensemble (served depth > 0).")
+    shards_total: int
     model_loaded: bool
+    live_records: int | None = None
+    deleted_records: int | None = None
+    truncated_orders: int | None = None
+    capacity_left: int | None = Field(None, description="Fewest deletions that take some live shard out of the "
+                                                        "ensemble.")
+    shards: list[ShardOut] | None = None
+    restoration: dict[str, Any] | None = None
+    held_requests: int | None = None
 
 
 class RestoreResponse(BaseModel):
