@@ -16,12 +16,12 @@ from .errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenEr
                      NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError,
                      RunError, RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
-from .records import Dataset, Record
+from .records import Dataset, PromptRecord, Record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
