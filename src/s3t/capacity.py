@@ -55,6 +55,7 @@ __all__ = [
     "expected_capacity",
     "served_depth_table",
     "simulate",
+    "remaining",
     "sweep",
     "save_json",
     "plot",
@@ -431,6 +432,64 @@ def _measure(first_hit: NDArray[np.float64], table: NDArray[np.int16], horizon: 
         "live_shards": float((full > 0).sum()) - np.cumsum(deaths) / trials,
         "serving": 1.0 - np.cumsum(gone) / trials,
     }
+
+
+def remaining(num_slices: int, shard_orders: Sequence[Sequence[tuple[Sequence[int], int]]],
+              live_counts: dict[tuple[int, int], int], *, trials: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Expected further deletions from a run's *current* state, on the engine's rules (`S3T.remaining_capacity`).
+
+    `shard_orders[k]` lists shard k's orders as (slices, current depth); `live_counts` the live records per
+    (shard, slice). Each request deletes one record, uniformly among the live ones not yet deleted (the
+    "uniform" model over the run's real cell sizes); restoration is not counted. Returns the statistics
+    (as `CapacityResult.summary`) of the deletions until the next live shard drops out (`next_drop`) and
+    until none is left (`all_out`), and each shard's mean deletions until it drops out. A shard's worst
+    case, `deletions_to_drop`, is what an adversary who knows where records are needs; this is what
+    requests that do not aim need.
+
+        remaining(2, [[((0, 1), 2), ((1, 0), 2)], [((0, 1), 1)]], {(0, 0): 5, (0, 1): 5, (1, 0): 5, (1, 1): 5})
+    """
+    import numpy as np
+
+    _positive("trials", trials)
+    m = len(shard_orders)
+    if num_slices > MAX_SLICES:
+        raise PlanError(f"`num_slices` = {num_slices} is above the simulator's limit of {MAX_SLICES}.")
+    # Served depth of each shard for every set of slices hit from now on, starting at the current depths.
+    table = np.zeros((m, 1 << num_slices), dtype=np.int16)
+    for k, orders in enumerate(shard_orders):
+        for mask in range(1 << num_slices):
+            hit = frozenset(s for s in range(num_slices) if mask >> s & 1)
+            depths = [truncate(slices, depth, hit) for slices, depth in orders]
+            served = choose_served(depths)
+            table[k, mask] = 0 if served is None else depths[served]
+    counts = np.array([live_counts.get((k, s), 0) for k in range(m) for s in range(num_slices)], dtype=np.int64)
+    live = table[:, 0] > 0
+    out: dict[str, Any] = {"model": "uniform over live records", "trials": int(trials), "seed": int(seed),
+                           "live_records": int(counts.sum()), "live_shards": int(live.sum())}
+    if not live.any() or counts.sum() == 0:   # nothing left to lose (or to delete)
+        zero = _stats(np.zeros(1))
+        return out | {"next_drop": zero, "all_out": zero,
+                      "shards": [{"shard": k, "expected_to_drop": 0.0} for k in range(m)]}
+    cells = np.repeat(np.arange(m * num_slices), counts)
+    rng = np.random.default_rng(seed)
+    first_hit = _first_hits_population(rng, trials, cells, np.ones(cells.size), m * num_slices, None)
+    deaths = _shard_deaths(first_hit.reshape(trials, m, num_slices), table)
+    death = deaths[:, live]   # shards already out do not count towards the next drop
+    return out | {"next_drop": _stats(death.min(axis=1)), "all_out": _stats(death.max(axis=1)),
+                  "shards": [{"shard": k, "expected_to_drop": float(deaths[:, k].mean())} for k in range(m)]}
+
+
+def _shard_deaths(first_hit: NDArray[np.float64], table: NDArray[np.int16]) -> NDArray[np.float64]:
+    """(trials, m) request after which each shard's served depth fell to 0 (0: already out; inf: never)."""
+    import numpy as np
+
+    hits = np.argsort(first_hit, axis=2, kind="stable")
+    times = np.take_along_axis(first_hit, hits, axis=2)
+    masks = np.cumsum(np.left_shift(1, hits), axis=2)
+    after = table[np.arange(table.shape[0])[None, :, None], masks]
+    dead = after == 0
+    when = np.take_along_axis(times, np.argmax(dead, axis=2)[..., None], axis=2)[..., 0]
+    return np.where(table[None, :, 0] == 0, 0.0, np.where(dead.any(axis=2), when, np.inf))
 
 
 def plan_for(selection: str, *, num_shards: int, num_slices: int, budget: int, seed: int = 0,

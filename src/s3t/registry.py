@@ -522,6 +522,25 @@ class Registry:
         with self.engine.connect() as conn:
             return [json.loads(t) for t in conn.execute(select(ledger.c.receipt).order_by(ledger.c.created_at)).scalars()]
 
+    def recent_receipts(self, limit: int, *, reference: str | None = None,
+                        requested_by: str | None = None) -> list[dict]:
+        """Up to `limit` receipts, newest first; only those with this `reference` or requester, if given.
+        A scan of the ledger's JSON (portable across databases, no schema change): fine for a person's
+        lookups and the console's few recent entries, not for a hot path."""
+        out: list[dict] = []
+        q = select(ledger.c.receipt).order_by(ledger.c.created_at.desc(), ledger.c.request_id.desc())
+        with self.engine.connect() as conn:
+            for text in conn.execute(q).scalars():
+                receipt = json.loads(text)
+                if reference is not None and receipt.get("reference") != reference:
+                    continue
+                if requested_by is not None and receipt.get("requested_by") != requested_by:
+                    continue
+                out.append(receipt)
+                if len(out) >= limit:
+                    break
+        return out
+
     def receipt_in(self, conn: Connection, request_id: str) -> dict | None:
         text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id)).scalar()
         return json.loads(text) if text else None

@@ -552,6 +552,16 @@ class S3T:
                       truncated_orders=len(restorable(self.registry, orders=orders, counts=counts)),
                       shards=tuple(shards))
 
+    def remaining_capacity(self, *, trials: int = 200, seed: int = 0) -> dict:
+        """Expected further deletions (one random live record each) until the next shard drops out and until
+        none is left, simulated from the current orders and cell sizes (`capacity.remaining`)."""
+        from .capacity import remaining
+
+        by_shard: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in range(self.plan.num_shards)]
+        for o in self.registry.orders():
+            by_shard[o["shard"]].append((tuple(o["slices"]), o["depth"]))
+        return remaining(self.plan.num_slices, by_shard, self.registry.live_counts(), trials=trials, seed=seed)
+
 
 def _resolve(plan: Plan, data: Dataset, family) -> Plan:
     """The plan as the run stores it: label space and thread count fixed, so that a fresh run created with

@@ -28,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenError, NeedsRestoreError,
                       NotFoundError, NotTrainedError, RateLimitError, S3TError)
-from .auth import Token
+from .auth import ROLES, Token
 from .core import Service
 from .metrics import CONTENT_TYPE
-from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
-                     HeldResponse, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision,
-                     StatusResponse)
+from .models import (MAX_REFERENCE_CHARS, CapacityOut, DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest,
+                     GenerateResponse, HealthResponse, HeldResponse, PredictRequest, PredictResponse, PreviewOut,
+                     ReceiptList, ReceiptOut, RestoreResponse, ReviewDecision, StatusResponse, WhoAmI)
 from .settings import ServiceSettings
 
 __all__ = ["create_app", "serve", "uvicorn_config"]
@@ -58,6 +58,19 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
                                               description="Any printable ASCII string; a repeat returns the "
                                                           "first request's result instead of deleting again.")]
 FlagId = Annotated[str, PathParam(max_length=64)]
+
+# The console (`/console`): static files shipped in the package, served with a policy that lets the page
+# run only its own script and talk only to this origin, so a token typed into it cannot be sent elsewhere.
+CONSOLE_FILES = {"index.html": "text/html; charset=utf-8", "console.js": "text/javascript; charset=utf-8",
+                 "console.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> FastAPI:
@@ -97,6 +110,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     Deleter = Annotated[Token, Depends(caller("delete"))]
     Watcher = Annotated[Token, Depends(caller("metrics"))]
     Admin = Annotated[Token, Depends(caller("admin"))]
+    Anyone = Annotated[Token | None, Depends(caller(*ROLES))]
 
     @app.exception_handler(S3TError)
     async def library_error(_request: Request, exc: S3TError) -> JSONResponse:
@@ -158,6 +172,15 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         return JSONResponse(result.receipt.to_dict(),
                             headers={"Idempotent-Replayed": "true"} if result.outcome == "replayed" else {})
 
+    @app.get("/v1/deletions", response_model=ReceiptList, tags=["deletions"])
+    async def receipts(token: Deleter,
+                       reference: str | None = Query(None, min_length=1, max_length=MAX_REFERENCE_CHARS,
+                                                     description="Only receipts with this reference."),
+                       limit: int = Query(20, ge=1, le=200, description="Receipts to return.")) -> dict:
+        """Receipts newest first, or those with a `reference` (a non-admin token sees its own requests only)."""
+        found = await reads.run(service.receipts, token, reference=reference, limit=limit)
+        return {"receipts": [r.to_dict() for r in found]}
+
     @app.get("/v1/deletions/{request_id}", response_model=ReceiptOut, tags=["deletions"])
     async def receipt(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
         """The stored receipt of a deletion request (a non-admin token sees its own requests only)."""
@@ -189,6 +212,11 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         """One flagged request with its ids while pending (its submitter or an admin)."""
         return (await reads.run(service.flag, token, flag_id)).to_dict()
 
+    @app.get("/v1/review/{flag_id}/preview", response_model=PreviewOut, tags=["review"])
+    async def preview(flag_id: FlagId, _admin: Admin) -> dict:
+        """What applying a pending held request would do to each shard now; nothing is deleted (admin)."""
+        return await reads.run(service.preview_flag, flag_id)
+
     @app.post("/v1/review/{flag_id}/apply", response_model=ReceiptOut, tags=["review"])
     async def apply(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Apply a held deletion request (admin); answers with its receipt."""
@@ -198,6 +226,33 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     async def reject(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Reject a held deletion request (admin): nothing is deleted, the decision is kept."""
         return (await writes.run(service.reject, admin, flag_id, note=body.note if body else None)).to_dict()
+
+    @app.get("/v1/capacity", response_model=CapacityOut, tags=["status"])
+    async def capacity(_token: Watcher) -> dict:
+        """Expected further deletions from the current state (the capacity simulator: each request deletes one
+        random live record; restoration not counted), beside each shard's worst case (metrics or admin)."""
+        return await reads.run(service.capacity)
+
+    @app.get("/v1/whoami", response_model=WhoAmI, tags=["status"])
+    async def whoami(token: Anyone) -> dict:
+        """The presented token's id, name and roles (any role): what the console may offer."""
+        if token is None:
+            return {"id": None, "name": None, "roles": []}
+        return {"id": token.id, "name": token.name, "roles": list(token.roles)}
+
+    console = _console_files()
+
+    @app.get("/console", include_in_schema=False)
+    async def console_page() -> Response:
+        """The operator console (no token needed for the page; it asks for one and calls the API with it)."""
+        return Response(console["index.html"], media_type=CONSOLE_FILES["index.html"], headers=CONSOLE_HEADERS)
+
+    @app.get("/console/{name}", include_in_schema=False)
+    async def console_asset(name: Annotated[str, PathParam(max_length=64)]) -> Response:
+        if name not in console:   # a fixed set of names: nothing else of the package or disk is reachable
+            return JSONResponse({"error": "HTTPError", "detail": "Not Found"}, status_code=404,
+                                headers=CONSOLE_HEADERS)
+        return Response(console[name], media_type=CONSOLE_FILES[name], headers=CONSOLE_HEADERS)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["status"])
     async def healthz() -> dict:
@@ -210,6 +265,14 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         return Response(await reads.run(service.metrics.render), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _console_files() -> dict[str, bytes]:
+    """The console's files, read once from the package (they are package data: see pyproject.toml)."""
+    from importlib.resources import files
+
+    folder = files("s3t.service").joinpath("console")
+    return {name: folder.joinpath(name).read_bytes() for name in CONSOLE_FILES}
 
 
 def _message(error: dict) -> str:

@@ -21,8 +21,10 @@ Concurrency and visibility (the semantics the HTTP API promises):
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -76,6 +78,9 @@ class Service:
         self.write_lane = Lane("write", threads=1)   # deletions serialise on `write_lock` anyway
         self.read_lane = Lane("read", threads=4)
         self._stopping = threading.Event()
+        self.recent_latency: deque[float] = deque(maxlen=50)   # seconds of the last deletions this process applied
+        self._capacity_lock = threading.Lock()
+        self._capacity: tuple[object, dict] | None = None      # (state it was simulated for, result)
         self._housekeeping = threading.Thread(target=self._housekeep, name="s3t-housekeeping", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -197,7 +202,8 @@ class Service:
                 log.warning("deletion request %s flagged (flag %s): %s", receipt.request_id, flag.id, verdict.reason)
         self.metrics.deletion_requests.labels("applied").inc()
         self.metrics.deleted_records.inc(len(receipt.deleted))
-        self.metrics.deletion_latency.observe(time.perf_counter() - started)
+        self.metrics.deletion_latency.observe(elapsed := time.perf_counter() - started)
+        self.recent_latency.append(elapsed)
         if self.worker is not None:
             self.worker.poke()
         return DeletionOutcome("applied", receipt=receipt)
@@ -240,6 +246,13 @@ class Service:
         with self.system.registry.transaction() as conn:
             self.system.registry.expire_idempotent(conn, before=cutoff, key=key)
 
+    def receipts(self, token: Token, *, reference: str | None = None, limit: int = 20) -> list[Receipt]:
+        """Receipts newest first, only those with `reference` if given; a non-admin token sees only its own
+        requests' receipts (as with `receipt`)."""
+        mine = None if token.allows("admin") else token.id
+        return [Receipt.from_dict(r) for r in
+                self.system.registry.recent_receipts(limit, reference=reference, requested_by=mine)]
+
     def receipt(self, token: Token, request_id: str) -> Receipt:
         """A stored receipt; a non-admin token sees only its own requests' receipts (another's is "not found",
         exactly as an unknown one)."""
@@ -269,6 +282,10 @@ class Service:
             raise unknown
         return flag
 
+    def preview_flag(self, flag_id: str) -> dict:
+        """What applying a pending hold would do to each shard, now (`review.preview`)."""
+        return review.preview(self.system, flag_id)
+
     def apply(self, admin: Token, flag_id: str, *, note: str | None = None) -> Receipt:
         with self.write_lock:
             before = self.guard.ensemble_capacity(self.system.registry)
@@ -294,13 +311,38 @@ class Service:
         if token is None or not token.allows("metrics"):
             return coarse
         return coarse | {
+            "num_slices": self.system.plan.num_slices,
             "live_records": st.live_records, "deleted_records": st.deleted_records,
             "truncated_orders": st.truncated_orders,
             "capacity_left": min((s.deletions_to_drop for s in st.shards if s.served_depth > 0), default=0),
             "shards": [asdict(s) for s in st.shards],
             "restoration": self.worker.describe() if self.worker else {"state": "disabled"},
             "held_requests": review.pending(self.system),
+            "deletion_latency": self._latency(),
         }
+
+    def _latency(self) -> dict:
+        """The last deletions' apply-and-commit time in this process (what the latency histogram observes)."""
+        recent = [1000.0 * s for s in self.recent_latency]
+        if not recent:
+            return {"count": 0, "median_ms": None, "max_ms": None, "last_ms": None}
+        return {"count": len(recent), "median_ms": round(statistics.median(recent), 1),
+                "max_ms": round(max(recent), 1), "last_ms": round(recent[-1], 1)}
+
+    def capacity(self, *, trials: int = 200) -> dict:
+        """The capacity simulator on the current state (`S3T.remaining_capacity`), with each shard's worst case.
+        Simulated again only when the orders' depths or the live cell counts changed since the last call."""
+        registry = self.system.registry
+        with self._capacity_lock:
+            orders = registry.orders()
+            state = (trials, tuple((o["shard"], o["position"], o["depth"]) for o in orders),
+                     tuple(sorted(registry.live_counts().items())))
+            if self._capacity is None or self._capacity[0] != state:
+                self._capacity = (state, self.system.remaining_capacity(trials=trials))
+            result = self._capacity[1]
+        worst = self.system.status().shards
+        return result | {"num_slices": self.system.plan.num_slices,
+                         "worst_case": [{"shard": s.shard, "deletions_to_drop": s.deletions_to_drop} for s in worst]}
 
     def health(self) -> dict:
         """Liveness: the registry answers."""

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, St
 
 __all__ = ["PredictRequest", "PredictResponse", "GenerateRequest", "GenerateResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
-           "HealthResponse",
+           "HealthResponse", "PreviewOut", "ReceiptList", "CapacityOut", "WhoAmI",
            "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
 
 MAX_TEXTS = 256
@@ -184,6 +184,68 @@ class StatusResponse(BaseModel):
     shards: list[ShardOut] | None = None
     restoration: dict[str, Any] | None = None
     held_requests: int | None = None
+    num_slices: int | None = Field(None, description="Layer groups of a full-depth served model.")
+    deletion_latency: dict[str, Any] | None = Field(None, description="The last (up to 50) deletions this server "
+                                                                      "applied: count, median_ms, max_ms, last_ms.")
+
+
+class ShardPreview(BaseModel):
+    shard: int
+    depth_before: int
+    depth_after: int
+    capacity_before: int
+    capacity_after: int
+
+
+class PreviewOut(BaseModel):
+    """What applying a held request would do now, per shard it touches (nothing is deleted)."""
+
+    records: int = Field(description="Live records the request would delete.")
+    shards: list[ShardPreview]
+
+
+class ReceiptList(BaseModel):
+    receipts: list[ReceiptOut] = Field(description="Newest first.")
+
+
+class DeletionStats(BaseModel):
+    mean: float | None
+    sem: float | None
+    median: float | None
+    p05: float | None
+    p95: float | None
+    censored: int
+
+
+class ShardExpectation(BaseModel):
+    shard: int
+    expected_to_drop: float = Field(description="Mean random deletions until this shard drops out (0: out now).")
+
+
+class ShardWorstCase(BaseModel):
+    shard: int
+    deletions_to_drop: int = Field(description="Fewest deletions that take the shard out (aimed deletions).")
+
+
+class CapacityOut(BaseModel):
+    """The capacity simulator run from the current state: each request deletes one random live record."""
+
+    model: str
+    trials: int
+    seed: int
+    live_records: int
+    live_shards: int
+    num_slices: int
+    next_drop: DeletionStats = Field(description="Deletions until the next live shard drops out.")
+    all_out: DeletionStats = Field(description="Deletions until no shard is left (then `restore` is needed).")
+    shards: list[ShardExpectation]
+    worst_case: list[ShardWorstCase]
+
+
+class WhoAmI(BaseModel):
+    id: str | None = Field(description="The token's public id; null for an anonymous caller.")
+    name: str | None
+    roles: list[str]
 
 
 class RestoreResponse(BaseModel):

@@ -28,7 +28,7 @@ from ..unlearning import Receipt, request_fingerprint
 if TYPE_CHECKING:
     from ..system import S3T
 
-__all__ = ["Flag", "FlagSummary", "hold", "record_alert", "flags", "pending", "get_flag", "flag_for_key", "apply",
+__all__ = ["Flag", "FlagSummary", "hold", "record_alert", "flags", "pending", "get_flag", "flag_for_key", "preview", "apply",
            "reject", "fingerprint"]
 
 
@@ -142,6 +142,14 @@ def flag_for_key(system: "S3T", idempotency_key: str) -> tuple[Flag, str] | None
     """The hold made under an idempotency key and its request fingerprint, or None."""
     rows = system.registry.flagged(idempotency_key=idempotency_key)
     return (Flag.from_row(rows[0]), rows[0]["fingerprint"]) if rows else None
+
+
+def preview(system: "S3T", flag_id: str) -> dict:
+    """What applying a pending hold would do now (`S3T.preview_delete`): {records, shards: [{shard,
+    depth_before, depth_after, capacity_before, capacity_after}]}. A decided request has no content left
+    to preview (its receipt says what applying did)."""
+    content = json.loads(_pending(system, flag_id)["request"])
+    return system.preview_delete(ids=content["ids"], subjects=content["subjects"])
 
 
 def apply(system: "S3T", flag_id: str, *, decided_by: str | None, note: str | None = None) -> Receipt:
