@@ -264,3 +264,34 @@ def test_planner_keeps_enough_records_per_slice() -> None:
     found = plan_capacity(60, 1, confidence=0.5, max_shards=32, max_slices=6, trials=100)
     assert found and all(c.num_shards * c.num_slices <= 6 for c in found)
     assert all(math.isclose(c.records_per_slice, 60 / (c.num_shards * c.num_slices)) for c in found)
+
+
+# -- from a run's current state (S3T.remaining_capacity, GET /v1/capacity) -----------------------------
+def test_remaining_from_the_current_state_matches_the_exact_expectation():
+    from s3t.capacity import remaining
+
+    # One shard, two slices of 3 and 5 live records, both orders at full depth: the shard drops out once
+    # both slices are hit. Drawing records without replacement, the first hit of a cell of k among n comes
+    # at (n + 1) / (k + 1) on average, and max(T0, T1) = T0 + T1 - min(T0, T1) with min = 1.
+    counts = {(0, 0): 3, (0, 1): 5}
+    full = remaining(2, [[((0, 1), 2), ((1, 0), 2)]], counts, trials=4000, seed=1)
+    assert full["next_drop"]["mean"] == pytest.approx(9 / 4 + 9 / 6 - 1, abs=0.1)
+    assert full["next_drop"] == full["all_out"] and full["live_records"] == 8
+    # The order starting on slice 1 already truncated away: the first hit of slice 0 takes the shard out.
+    cut = remaining(2, [[((0, 1), 1), ((1, 0), 0)]], counts, trials=4000, seed=1)
+    assert cut["next_drop"]["mean"] == pytest.approx(9 / 4, abs=0.1)
+    # A shard already out counts 0 and does not make the next drop 0; a single live one is the last.
+    two = remaining(2, [[((0, 1), 0), ((1, 0), 0)], [((0, 1), 1)]], counts | {(1, 0): 1, (1, 1): 1}, trials=500)
+    assert two["live_shards"] == 1 and two["shards"][0]["expected_to_drop"] == 0
+    assert two["next_drop"]["mean"] > 0
+    gone = remaining(2, [[((0, 1), 0)]], counts, trials=10)
+    assert gone["live_shards"] == 0 and gone["all_out"]["mean"] == 0
+
+
+def test_remaining_is_seeded_and_checks_its_arguments():
+    from s3t.capacity import remaining
+
+    args = (3, [[((0, 1, 2), 3), ((1, 2, 0), 3)], [((2, 0, 1), 2)]], {(k, s): 4 for k in range(2) for s in range(3)})
+    assert remaining(*args, trials=50, seed=3) == remaining(*args, trials=50, seed=3)
+    with pytest.raises(PlanError, match="trials"):
+        remaining(*args, trials=0)

@@ -552,15 +552,20 @@ class S3T:
                       truncated_orders=len(restorable(self.registry, orders=orders, counts=counts)),
                       shards=tuple(shards))
 
-    def remaining_capacity(self, *, trials: int = 200, seed: int = 0) -> dict:
+    def remaining_capacity(self, *, trials: int | None = None, seed: int = 0) -> dict:
         """Expected further deletions (one random live record each) until the next shard drops out and until
-        none is left, simulated from the current orders and cell sizes (`capacity.remaining`)."""
+        none is left, simulated from the current orders and cell sizes (`capacity.remaining`). By default 200
+        trials, fewer on large runs: a trial sorts one random key per live record, and one call sorts at
+        most 20 million keys (a few seconds), never fewer than 20 trials."""
         from .capacity import remaining
 
         by_shard: list[list[tuple[tuple[int, ...], int]]] = [[] for _ in range(self.plan.num_shards)]
         for o in self.registry.orders():
             by_shard[o["shard"]].append((tuple(o["slices"]), o["depth"]))
-        return remaining(self.plan.num_slices, by_shard, self.registry.live_counts(), trials=trials, seed=seed)
+        counts = self.registry.live_counts()
+        if trials is None:
+            trials = max(20, min(200, 20_000_000 // max(1, sum(counts.values()))))
+        return remaining(self.plan.num_slices, by_shard, counts, trials=trials, seed=seed)
 
 
 def _resolve(plan: Plan, data: Dataset, family) -> Plan:

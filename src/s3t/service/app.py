@@ -231,7 +231,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     async def capacity(_token: Watcher) -> dict:
         """Expected further deletions from the current state (the capacity simulator: each request deletes one
         random live record; restoration not counted), beside each shard's worst case (metrics or admin)."""
-        return await reads.run(service.capacity)
+        return await service.capacity_lane.run(service.capacity)
 
     @app.get("/v1/whoami", response_model=WhoAmI, tags=["status"])
     async def whoami(token: Anyone) -> dict:

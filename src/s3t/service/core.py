@@ -77,6 +77,9 @@ class Service:
         self.model_lane = Lane("prediction", threads=1, limit=self.settings.prediction_queue)
         self.write_lane = Lane("write", threads=1)   # deletions serialise on `write_lock` anyway
         self.read_lane = Lane("read", threads=4)
+        # The capacity simulator takes up to seconds on a large run: its own thread, so it never holds one
+        # that auth checks, status or /healthz need.
+        self.capacity_lane = Lane("capacity", threads=1, limit=16)
         self._stopping = threading.Event()
         self.recent_latency: deque[float] = deque(maxlen=50)   # seconds of the last deletions this process applied
         self._capacity_lock = threading.Lock()
@@ -96,7 +99,7 @@ class Service:
         self._stopping.set()
         if self.worker is not None:
             self.worker.stop()
-        for lane in (self.model_lane, self.write_lane, self.read_lane):
+        for lane in (self.model_lane, self.write_lane, self.read_lane, self.capacity_lane):
             lane.close()
         if self._housekeeping.is_alive():
             self._housekeeping.join(10)
@@ -329,7 +332,7 @@ class Service:
         return {"count": len(recent), "median_ms": round(statistics.median(recent), 1),
                 "max_ms": round(max(recent), 1), "last_ms": round(recent[-1], 1)}
 
-    def capacity(self, *, trials: int = 200) -> dict:
+    def capacity(self, *, trials: int | None = None) -> dict:
         """The capacity simulator on the current state (`S3T.remaining_capacity`), with each shard's worst case.
         Simulated again only when the orders' depths or the live cell counts changed since the last call."""
         registry = self.system.registry

@@ -4,9 +4,10 @@ Why: the model is used by one prediction at a time. Were routes plain `def` func
 waiting for the model would hold one of the event loop's shared worker threads (anyio's 40) while it
 waits, and a deletion or a health check arriving behind 40 of them would wait for the model too. The
 routes are `async` instead and hand their work to a lane: a waiting prediction is a queued future, not
-a blocked thread. The service has three lanes: predictions (one thread, the model's; a bounded queue,
+a blocked thread. The service has four lanes: predictions (one thread, the model's; a bounded queue,
 beyond which `BusyError`: 503 with Retry-After), writes (deletions, review decisions, restoration
-requests) and reads (auth, status, receipts, listings, health, metrics).
+requests), reads (auth, status, receipts, listings, health, metrics) and the capacity simulator (one
+thread: it can take seconds on a large run).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@
   let token = null;
   let roles = [];
   let timer = null;
+  let slices = null;   // layer groups of a full-depth model, from the last detailed status
 
   const $ = (id) => document.getElementById(id);
   const can = (role) => roles.includes("admin") || roles.includes(role);
@@ -192,7 +193,8 @@
     }
     $("shards-note").textContent = "Served depth: layer groups in use by each shard's served model. Capacity: " +
       "fewest aimed deletions that take the shard out (one per live order's first slice); expected: random deletions.";
-    const L = st.num_slices || Math.max(1, ...st.shards.map((s) => s.served_depth));
+    slices = st.num_slices || slices;
+    const L = slices || Math.max(1, ...st.shards.map((s) => s.served_depth));
     const B = Math.max(1, ...st.shards.map((s) => s.orders));
     const expected = new Map((capacity ? capacity.shards : []).map((s) => [s.shard, s.expected_to_drop]));
     const rowH = 24, top = 26, width = 760;
@@ -340,7 +342,7 @@
   }
 
   function previewTable(preview) {
-    const L = Math.max(1, ...preview.shards.map((s) => s.depth_before));
+    const L = Math.max(slices || 1, ...preview.shards.map((s) => s.depth_before));
     return el("table", { id: "preview-table" },
       el("tr", {}, el("th", {}, "shard"), el("th", {}, "served depth"), el("th", { class: "num" }, "before → after"),
         el("th", { class: "num" }, "capacity before → after")),
