@@ -265,7 +265,8 @@ def test_bad_idempotency_keys_are_refused(server, tokens, key):
 def test_unknown_routes_and_methods_are_4xx(server, tokens):
     client = server.client(tokens["admin"])
     assert client.get("/v1/nothing").status_code == 404
-    assert client.get("/v1/deletions").status_code == 405
+    # Changed by design (issue 13): GET /v1/deletions lists receipts (for the console); PUT is still no method.
+    assert client.put("/v1/deletions").status_code == 405
     assert client.delete("/v1/status").status_code == 405
     assert client.post("/v1/review/nope/apply").status_code == 404
     assert client.get("/v1/review?status=bogus").status_code == 422
