@@ -45,7 +45,7 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     marker = victim.text.encode()
     assert sum(r.text == victim.text for r in tiny_data) == 1
     shard, _ = trained.locate([victim.id])[victim.id]
-    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text   # stored, sealed
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
     trained.delete(ids=[victim.id])
     trained.close()
