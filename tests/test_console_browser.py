@@ -6,12 +6,12 @@ applying it would do, applies it with a note, and sees shard 0's served depth fa
 The browser's console log must hold no error (a Content-Security-Policy violation would show there).
 Skipped, with the reason, where Chromium, its driver or selenium is missing (`.ci/run` installs them).
 
-S3T_CONSOLE_SCREENSHOT=PATH saves a screenshot of the overview before the decision.
+Waits are on conditions, with ceilings far above the idle figures (each step takes well under a second
+idle): a loaded machine answers late, not wrong.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -31,9 +31,6 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import s3t  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
-
-
 @pytest.fixture(scope="module")
 def browser():
     options = webdriver.ChromeOptions()
@@ -44,7 +41,7 @@ def browser():
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: selenium must never try to download one (the machines are offline).
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(120)
     yield driver
     driver.quit()
 
@@ -72,7 +69,7 @@ def scene(trained_dir, tmp_path_factory):
     assert "Traceback" not in server.log(), server.log()
 
 
-def wait(driver, condition, what: str, timeout: float = 15.0):
+def wait(driver, condition, what: str, timeout: float = 60.0):
     # The overview redraws itself every few seconds: an element read during a redraw is retried.
     return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
                          ).until(lambda d: condition(d), message=what)
@@ -99,8 +96,6 @@ def test_an_admin_applies_a_held_request_and_sees_the_depth_change(browser, scen
                        d.find_elements(By.CSS_SELECTOR, "#shard-chart svg g.shard")} == {"0": "1", "1": "2"}, "chart")
     wait(d, lambda d: d.find_element(By.ID, "held-badge").text == "1", "one held request")
     wait(d, lambda d: "Until the next shard drops out" in d.find_element(By.ID, "capacity").text, "capacity")
-    if path := os.environ.get("S3T_CONSOLE_SCREENSHOT"):
-        d.save_screenshot(path)
 
     # Review queue: the held request, why, and what applying would do.
     d.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='review']").click()
