@@ -100,6 +100,12 @@ class LayeredModel(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def load_kwargs(self) -> dict:
+        """`from_pretrained` settings every family loads with: the dtype and, on CUDA, eager attention (its kernels
+        are matmuls and softmaxes, deterministic under `torch.use_deterministic_algorithms`; whether a fused
+        attention kernel's backward is deterministic depends on the backend torch picks)."""
+        return {"dtype": self.dtype, **({"attn_implementation": "eager"} if self.device.type == "cuda" else {})}
+
     def run_blocks(self, hidden: torch.Tensor, batch: Batch, start: int, stop: int) -> torch.Tensor:
         """Blocks start..stop-1 on hidden states (B, T, H), with the currently active adapters."""
         raise NotImplementedError
