@@ -96,7 +96,7 @@ def predict(run_dir: RunDir, texts: Annotated[Optional[list[str]], typer.Argumen
     """
     items = list(texts or []) + (_lines(file) if file else [])
     if not items:
-        raise S3TError("give texts (or image files) to classify as arguments or with --file")
+        raise S3TError("give texts to classify (image files, for an image run) as arguments or with --file")
     system = open_run(run_dir)
     proba = system.predict_proba(items)
     labels = [system.labels[k] for k in proba.argmax(axis=1)]
