@@ -114,3 +114,32 @@ def test_prompt_records_load_from_jsonl_and_csv(tmp_path):
         s3t.Dataset.from_jsonl(tmp_path / "b.jsonl")
     with pytest.raises(DataError, match="a dataset holds one kind of record"):
         s3t.Dataset.from_records([{"id": "a", "prompt": "Q", "completion": "A"}, {"id": "b", "text": "t", "label": "x"}])
+
+
+def test_generate_from_the_cli_and_over_http(make_run, plan, prompt_data):
+    import json
+
+    from typer.testing import CliRunner
+
+    from s3t.cli import app
+    from s3t.service.settings import ServiceSettings
+    from servicekit import InProcessServer, make_token
+
+    run = make_run(plan, prompt_data).train(progress=False)
+    expected = run.complete(PROMPTS[:2], max_new_tokens=4)
+    out = CliRunner().invoke(app, ["generate", str(run.run_dir), *PROMPTS[:2], "--max-new-tokens", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"served_version": expected.served_version, "completions": list(expected.texts)}
+    out = CliRunner().invoke(app, ["generate", str(run.run_dir), "x", "--aggregation", "vote"])
+    assert out.exit_code == 2 and "vote" in out.output
+
+    secret = make_token(run.run_dir, "predict")
+    with InProcessServer(run.run_dir, ServiceSettings(worker=False, preload=False)) as server:
+        client = server.client(secret)
+        answer = client.post("/v1/generate", json={"prompts": PROMPTS[:2], "max_new_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"served_version": expected.served_version, "completions": list(expected.texts)}
+        assert client.post("/v1/generate", json={"prompts": ["x"], "max_new_tokens": 100_000}).status_code == 422
+        assert client.post("/v1/generate", json={"prompts": [], "max_new_tokens": 4}).status_code == 422
+        assert client.post("/v1/predict", json={"texts": ["x"]}).status_code == 422   # a generation run
+        assert server.client().post("/v1/generate", json={"prompts": ["x"]}).status_code == 401

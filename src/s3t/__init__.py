@@ -21,7 +21,7 @@ from .records import Dataset, PromptRecord, Record
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus", "datasets",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -29,7 +29,7 @@ __all__ = [
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
 ]
 
-_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
          "Receipt": "unlearning",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",

@@ -36,7 +36,7 @@ from .unlearning import Receipt, delete, preview, rebuild, restorable, subject_d
 if TYPE_CHECKING:
     from .environment import NumericEnvironment
 
-__all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
+__all__ = ["S3T", "Prediction", "Generation", "ShardStatus", "Status"]
 
 # The run folder (0700; every file in it 0600, whatever the umask: see files.py).
 RUN_FILE = "run.json"
@@ -75,6 +75,14 @@ class Status:
     def serving(self) -> bool:
         """Whether any shard is live, i.e. predictions can be made."""
         return any(s.served_depth > 0 for s in self.shards)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Completions of prompts, with the served-set version that produced them."""
+
+    texts: tuple[str, ...]
+    served_version: int
 
 
 @dataclass(frozen=True)
@@ -411,17 +419,23 @@ class S3T:
         log-probabilities. temperature 0 decodes greedily; above 0 samples (reproducibly with `seed`). The
         outputs of one prompt are bit-reproducible for the same batch of prompts (CPU kernels block rows).
         """
+        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             aggregation=aggregation, seed=seed).texts
+
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 aggregation: str = "mean_proba", seed: int | None = None) -> "Generation":
+        """`generate`, with the served-set version used (read when the call starts, as `classify` does)."""
         from .inference import generate
 
         self._require_task("generate", "generate")
         prompts = _check_texts(prompts, name="prompts")
         _check_generation(max_new_tokens, temperature, aggregation)
-        _version, texts = self._with_served(
+        version, texts = self._with_served(
             lambda components: generate(self.trainer.model, components, prompts, load=self.trainer.load,
                                         max_new_tokens=max_new_tokens, temperature=temperature,
                                         aggregation=aggregation, seed=seed),
             empty=[] if not prompts else None)
-        return texts
+        return Generation(tuple(texts), version)
 
     def perplexity(self, data: Dataset, *, batch_size: int = 16) -> float:
         """Perplexity of the served ensemble on held-out prompt/completion records (completion tokens only)."""

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..errors import ConflictError, DataError, NotFoundError, RateLimitError
-from ..system import S3T, Prediction
+from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
 from .auth import Token, authenticate, require
@@ -164,6 +164,16 @@ class Service:
         self.metrics.predicted_texts.inc(len(inputs))   # texts or images
         self.metrics.prediction_latency.observe(time.perf_counter() - started)
         return prediction
+
+    def generate(self, prompts: Sequence[str], **settings) -> Generation:
+        started = time.perf_counter()
+        with self.model_lock:
+            generation = self.system.complete(prompts, **settings)
+        self.model_ready.set()
+        self.metrics.prediction_requests.inc()
+        self.metrics.predicted_texts.inc(len(prompts))
+        self.metrics.prediction_latency.observe(time.perf_counter() - started)
+        return generation
 
     # -- deletions ----------------------------------------------------------------------------------
     def delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
