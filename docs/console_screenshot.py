@@ -98,7 +98,8 @@ def main() -> None:
                 d.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='review']").click()
                 wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#review-table button.open"))[0].click()
                 wait.until(lambda d: d.find_elements(By.ID, "preview-table"))
-                d.find_element(By.ID, "decision-note").send_keys("Verified the requester's identity (ticket DSR-2026-0052)")
+                note = "Verified the requester's identity (ticket DSR-2026-0052)"
+                d.find_element(By.ID, "decision-note").send_keys(note)
                 time.sleep(0.3)
                 fit(d)
                 d.save_screenshot(str(HERE / "console-review.png"))

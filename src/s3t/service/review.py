@@ -28,8 +28,8 @@ from ..unlearning import Receipt, request_fingerprint
 if TYPE_CHECKING:
     from ..system import S3T
 
-__all__ = ["Flag", "FlagSummary", "hold", "record_alert", "flags", "pending", "get_flag", "flag_for_key", "preview", "apply",
-           "reject", "fingerprint"]
+__all__ = ["Flag", "FlagSummary", "hold", "record_alert", "flags", "pending", "get_flag", "flag_for_key", "preview",
+           "apply", "reject", "fingerprint"]
 
 
 @dataclass(frozen=True)
