@@ -170,8 +170,13 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
         raise S3TError("--records is required (the number of training records), unless --calibrate RUN_DIR gives it")
     requests = Requests(distribution, population=population)
     if recommend:
+        max_slices = 8
+        if calibrate or calibrate_data:   # the plan will be trained for timing: its groups must fit the model
+            from ..backbone import count_blocks, resolve_model_path
+
+            max_slices = min(8, count_blocks(resolve_model_path(plan.base_model)) // (plan.blocks_per_slice or 1))
         found = recommend_plans(records, max(1, math.ceil(deletions)), epochs=epochs or plan.epochs,
-                                requests=requests, trials=min(trials, 1000), seed=seed)
+                                requests=requests, max_slices=max_slices, trials=min(trials, 1000), seed=seed)
         if not found:
             raise S3TError(f"the planner found no plan that absorbs {deletions:g} deletions for {records} records; "
                            "give -m/-L/-B or --plan instead")
