@@ -26,7 +26,7 @@ def test_calibrate_times_every_depth(tiny_plan, tiny_data):
     assert isinstance(throughput, Throughput)
     assert len(throughput.per_depth) == tiny_plan.num_slices
     assert all(r > 0 for r in throughput.per_depth) and throughput.trunk > 0
-    assert throughput.source == f"calibrated: {tiny_plan.batch_size} examples per depth"
+    assert throughput.source == "calibrated: fastest of 1 batches per depth"
 
 
 def test_calibrate_needs_enough_records(tiny_plan, tiny_data):

@@ -116,6 +116,17 @@ def test_restoration_cycle_matches_its_exact_expectation():
     assert s3t.events == pytest.approx(20 / 2, rel=0.02)
 
 
+def test_restoring_one_shard_at_a_time_batches_more_hits():
+    # The same plan, each shard restored alone when its slice 0 is hit: per shard T ~ Geometric(1/4), E = 4,
+    # so the two shards restore once per 2 requests together; each restoration retrains [0] and [0,1] of
+    # its own shard only: 300 examples at depth 1 and 600 at depth 2, whatever else was hit.
+    s3t = report(Plan(num_shards=2, num_slices=2, budget=1), trials=40_000, restore_scope="shard").method(S3T)
+    assert s3t.detail["restore_examples_by_depth"] == [300, 600]
+    assert s3t.detail["requests_per_restoration"] == pytest.approx(2, rel=0.02)
+    assert s3t.detail["restorations_taking_a_shard_out"] == 1
+    assert s3t.events == pytest.approx(10, rel=0.02)
+
+
 def test_retrain_table_counts_prefixes_that_hold_a_hit_slice():
     table = retrain_table([[0, 1, 2], [1, 2, 0], [2, 0, 1]], 3)
     assert table[0].tolist() == [0, 0, 0]                     # nothing hit, nothing retrained
@@ -152,6 +163,7 @@ def test_json_and_png(tmp_path):
     (dict(throughput=0.0), "throughput"), (dict(throughput=-5), "throughput"), (dict(period_days=0), "period_days"),
     (dict(retrain_every_days=-1), "retrain_every_days"), (dict(restore_below=4), "restore_below"),
     (dict(trials=0), "trials"), (dict(throughput=Throughput((1.0, 2.0))), "depths"),
+    (dict(restore_scope="some"), "restore_scope"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     with pytest.raises(PlanError, match=field):
@@ -192,6 +204,18 @@ def test_cli_writes_json_and_png_and_prints_the_table(tmp_path):
     assert "22.5" in result.stdout and "(45.0)" in result.stdout
 
 
+def test_cli_takes_one_throughput_per_depth(tmp_path):
+    result = invoke("--records", 1200, "--deletions", 5, "-m", 1, "-L", 2, "-B", 2, "--throughput", 100,
+                    "--throughput", 50, "--trunk-throughput", 200, "--trials", 200, "--out-json", tmp_path / "c.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["throughput"]["per_depth"] == [100, 50]
+    s3t = next(m for m in data["methods"] if m["method"] == S3T)
+    # Prefixes [0] and [1] (600 records each) at depth 1, [0,1] and [1,0] (1200 each) at depth 2; one
+    # frozen forward per record.
+    assert s3t["offline_hours"] == pytest.approx((1200 / 100 + 2400 / 50 + 1200 / 200) / HOUR, rel=1e-12)
+
+
 def test_cli_recommend_takes_the_planners_plan(tmp_path):
     from s3t.planner import plan_capacity
 
@@ -213,6 +237,8 @@ def test_cli_recommend_takes_the_planners_plan(tmp_path):
     (["--recommend", "-m", 3], "--recommend chooses m, L and B itself"),
     (["--out-png", "/no/such/folder/c.png"], "no folder /no/such/folder"),
     (["--distribution", "gaussian"], "`distribution` must be one of"),
+    (["--restore-scope", "some"], "`restore_scope` must be 'all'"),
+    (["--throughput", 10, "--throughput", 20], "the throughput has 2 depths but the plan has `num_slices` = 3"),
 ])
 def test_cli_bad_input_is_one_line(args, message):
     base = {"--records": 1200, "--deletions": 5, "--throughput": 100, "-L": 3, "-m": 2}
@@ -223,6 +249,11 @@ def test_cli_bad_input_is_one_line(args, message):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
+
+
+def test_cli_trunk_throughput_needs_a_throughput():
+    result = invoke("--records", 1200, "--deletions", 5, "--calibrate-data", "x.jsonl", "--trunk-throughput", 5)
+    assert result.exit_code == 1 and "--trunk-throughput goes with --throughput" in result.stderr
 
 
 def test_cli_needs_records_without_a_run():

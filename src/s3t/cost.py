@@ -11,10 +11,12 @@ The three methods, all on the same frozen backbone, LoRA settings and epochs (E)
 - **S3T** (the plan: m, L, B): trains every distinct order prefix once; stage i runs layer groups 1..i on
   i/L of its shard. A deletion truncates orders at once (no training). When some shard's served depth falls
   below `restore_below` (1: a shard dropped out of the ensemble), everything truncated is retrained, as
-  `restore()` and the service's `--restore-below` do. How often that happens and what it retrains come
-  from the capacity simulator (`capacity.first_hits`: the engine's own truncation and serving rules):
-  with T the requests until the trigger and W the stages it retrains (each distinct prefix holding a hit
-  slice), restorations per request = 1 / E[T] and work per restoration = E[W] (renewal-reward).
+  `restore()` and the service's `--restore-below` do (`restore_scope="all"`); or, with
+  `restore_scope="shard"`, only that shard (a policy `restore()` does not offer yet). How often that
+  happens and what it retrains come from the capacity simulator (`capacity.first_hits`: the engine's own
+  truncation and serving rules): with T the requests until the trigger and W the stages it retrains (each
+  distinct prefix holding a hit slice), restorations per request = 1 / E[T] and work per restoration =
+  E[W] (renewal-reward; per shard for "shard").
 - **SISA** (m shards, one order of L slices, one LoRA group over every adapted block, a checkpoint per
   slice): each deletion retrains its shard from the hit slice j: stages j..L, each on i/L of the shard.
   Slice j is uniform (hash placement), so a deletion costs N·E·(L+1)(2L+1) / (6·m·L) examples. The shard
@@ -42,24 +44,27 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from s3t.capacity import Requests, first_hits
 from s3t.errors import PlanError
 from s3t.plan import Plan
 from s3t.planner import prefix_counts
 
-__all__ = ["Throughput", "MethodCost", "CostReport", "cost_report", "save_json", "plot", "ASSUMPTIONS"]
+__all__ = ["Throughput", "MethodCost", "CostReport", "cost_report", "save_json", "plot", "ASSUMPTIONS",
+           "RestoreScope"]
 
 S3T, SISA, FULL = "S3T", "SISA", "full retraining"
+RestoreScope = Literal["all", "shard"]
 
 ASSUMPTIONS = (
     "Requests arrive at a constant expected rate; each deletes one record or one data subject "
     "(the simulator's request model, 'cells' by default: a uniformly random slice of a random shard).",
     "Slices are equal in size and deletions are a small share of the data: stages train on N/(m·L) records "
     "per slice throughout the horizon.",
-    "S3T restores everything truncated when some shard's served depth falls below `restore_below`; requests "
-    "that arrive while a restoration runs are not simulated (they only shorten orders further).",
+    "S3T restores everything truncated (restore_scope 'all', what restore() does) or only the shard concerned "
+    "('shard') when a shard's served depth falls below `restore_below`; requests that arrive while a restoration "
+    "runs are not simulated (they only shorten orders further).",
     "SISA retrains the hit shard from the hit slice after every request, one request at a time; full "
     "retraining runs on a fixed schedule, whether or not requests arrived.",
     "Machine time is examples / throughput at the depth each stage runs; S3T stage i runs i of L layer groups, "
@@ -96,12 +101,13 @@ class Throughput:
             object.__setattr__(self, "trunk", float(self.trunk))
 
     @classmethod
-    def uniform(cls, examples_per_s: float, num_slices: int, *, source: str = "given") -> Throughput:
-        """The same rate at every depth (and the trunk fill not counted)."""
+    def uniform(cls, examples_per_s: float, num_slices: int, *, trunk: float | None = None,
+                source: str = "given") -> Throughput:
+        """The same rate at every depth (and, without `trunk`, the trunk fill not counted)."""
         if not _positive_number(examples_per_s):
             raise PlanError(f"`throughput` must be a positive number of training examples per second; got "
                             f"{examples_per_s!r}. Measure it with a short run (s3t cost --calibrate RUN_DIR).")
-        return cls((float(examples_per_s),) * num_slices, None, source)
+        return cls((float(examples_per_s),) * num_slices, trunk, source)
 
     @property
     def full(self) -> float:
@@ -180,6 +186,7 @@ class CostReport:
     period_days: float
     retrain_every_days: float
     restore_below: int
+    restore_scope: RestoreScope
     requests: Requests
     trials: int
     seed: int
@@ -206,6 +213,7 @@ class CostReport:
                 "records": self.records, "deletions_per_period": self.deletions_per_period,
                 "periods": self.periods, "period_days": self.period_days,
                 "retrain_every_days": self.retrain_every_days, "restore_below": self.restore_below,
+                "restore_scope": self.restore_scope,
                 "requests": self.requests.to_dict(), "trials": self.trials, "seed": self.seed,
                 "throughput": self.throughput.to_dict(), "price_per_machine_hour": self.price,
                 "methods": [m.to_dict(self.price) for m in self.methods],
@@ -215,7 +223,8 @@ class CostReport:
 
 def cost_report(plan: Plan, *, records: int, deletions_per_period: float, periods: int,
                 throughput: float | Throughput, price: float | None = None, period_days: float = 30.0,
-                retrain_every_days: float = 30.0, restore_below: int = 1, requests: Requests | None = None,
+                retrain_every_days: float = 30.0, restore_below: int = 1, restore_scope: RestoreScope = "all",
+                requests: Requests | None = None,
                 trials: int = 2000, seed: int = 0) -> CostReport:
     """Compare S3T (`plan`), SISA and periodic full retraining over `periods` periods of `period_days` days.
 
@@ -242,6 +251,8 @@ def cost_report(plan: Plan, *, records: int, deletions_per_period: float, period
     if restore_below > L:
         raise PlanError(f"`restore_below` must be a served depth in [1, {L}] (= num_slices); got {restore_below}. "
                         "Use 1 to restore when a shard drops out of the ensemble.")
+    if restore_scope not in get_args(RestoreScope):
+        raise PlanError(f"`restore_scope` must be 'all' (what restore() does) or 'shard'; got {restore_scope!r}.")
     _int("trials", trials, low=1, fix="use a few thousand, such as 2000")
     _int("seed", seed, low=0, fix="use a non-negative int such as 0")
     _number("deletions_per_period", deletions_per_period, low=0.0, closed=True,
@@ -265,7 +276,7 @@ def cost_report(plan: Plan, *, records: int, deletions_per_period: float, period
 
     # S3T: every distinct prefix once, stage i on i/L of its shard at depth i; restorations from the simulator.
     offline = [count * m * depth / L * shard_pass for depth, count in enumerate(prefix_counts(plan), 1)]
-    cycle = _restoration_cycle(plan, requests, restore_below, trials=trials, seed=seed)
+    cycle = _restoration_cycle(plan, requests, restore_below, restore_scope, trials=trials, seed=seed)
     per_restore = [v * shard_pass for v in cycle["retrain_shard_passes"]]
     restorations = deletions / cycle["requests"]
     s3t = MethodCost(S3T, offline_hours=hours(offline, records), events=restorations,
@@ -298,6 +309,7 @@ def cost_report(plan: Plan, *, records: int, deletions_per_period: float, period
     return CostReport(plan=plan, records=int(records), deletions_per_period=float(deletions_per_period),
                       periods=int(periods), period_days=float(period_days),
                       retrain_every_days=float(retrain_every_days), restore_below=int(restore_below),
+                      restore_scope=restore_scope,
                       requests=requests, trials=int(trials), seed=int(seed), throughput=throughput, price=price,
                       methods=(s3t, sisa, full))
 
@@ -320,39 +332,52 @@ def retrain_table(orders: Sequence[Sequence[int]], num_slices: int) -> Any:
     return table
 
 
-def _restoration_cycle(plan: Plan, requests: Requests, restore_below: int, *, trials: int, seed: int) -> dict:
-    """Mean requests between restorations, what each retrains (shard-passes per depth, all shards), and the
-    share of restorations whose trigger took a shard out of the ensemble (served depth 0)."""
+def _restoration_cycle(plan: Plan, requests: Requests, restore_below: int, scope: RestoreScope, *,
+                       trials: int, seed: int) -> dict:
+    """Mean requests between restorations, what one retrains (shard-passes per depth, summed over shards), and
+    the share of restorations whose trigger took a shard out of the ensemble (served depth 0).
+
+    "all": a cycle ends when some shard falls below `restore_below` and retrains every shard's hit
+    prefixes; renewal-reward gives the rates. "shard": each shard is its own renewal process, restored
+    alone when it falls below; the rates of the m processes add up.
+    """
     import numpy as np
 
     draw = first_hits(plan, requests=requests, trials=trials, seed=seed, horizon=None)
     first, table = draw.first_hit, draw.depth_table   # (trials, m, L), (m, 2^L)
     _, m, L = first.shape
-    shards = np.arange(m)[None, :, None]
     hits = np.argsort(first, axis=2, kind="stable")
     times = np.take_along_axis(first, hits, axis=2)
-    depth_after = table[shards, np.cumsum(np.left_shift(1, hits), axis=2)]   # served depth after each hit
+    depth_after = table[np.arange(m)[None, :, None], np.cumsum(np.left_shift(1, hits), axis=2)]
     below = (depth_after < restore_below) & np.isfinite(times)
+    # (trials, m): the request after which each shard first fell below the target
     when = np.where(below.any(axis=2), np.take_along_axis(times, np.argmax(below, axis=2)[..., None], 2)[..., 0],
                     np.inf)
-    trigger = when.min(axis=1)   # (trials,) the request after which some shard fell below the target
+    trigger = when.min(axis=1, keepdims=True) if scope == "all" else when   # (trials, 1 or m)
     if not np.isfinite(trigger).all():
-        raise PlanError(f"in {int((~np.isfinite(trigger)).sum())} of {trials} simulated trials no shard fell below "
-                        f"served depth {restore_below} even after every record was deleted (too few records or "
-                        "subjects in `requests.population` for this plan); raise the population.")
-    mask = ((first <= trigger[:, None, None]).astype(np.int64) << np.arange(L)).sum(axis=2)   # (trials, m) hit slices at the trigger
-    tables = {}
-    retrain = np.zeros((trials, L))
+        raise PlanError(f"in some of the {trials} simulated trials a shard never fell below served depth "
+                        f"{restore_below}, even after every record was deleted (too few records or subjects in "
+                        "`requests.population` for this plan); raise the population.")
+    mask = ((first <= trigger[..., None]).astype(np.int64) << np.arange(L)).sum(axis=2)   # (trials, m) at the trigger
+    retrain = np.zeros((trials, m, L))   # what each shard retrains at its trigger
+    tables: dict[tuple, Any] = {}
     for k, orders in enumerate(draw.shard_orders):
         key = tuple(map(tuple, orders))
         if key not in tables:
             tables[key] = retrain_table(orders, L)
-        retrain += tables[key][mask[:, k]]
-    out = (table[np.arange(m)[None, :], mask] == 0).any(axis=1)
-    return {"requests": float(trigger.mean()),
-            "requests_sem": float(trigger.std(ddof=1) / math.sqrt(trials)) if trials > 1 else 0.0,
-            "retrain_shard_passes": [float(v) for v in retrain.mean(axis=0)],
-            "shard_out": float(out.mean())}
+        retrain[:, k] = tables[key][mask[:, k]]
+    out = table[np.arange(m)[None, :], mask] == 0   # (trials, m): out of the ensemble at the trigger
+    if scope == "all":
+        cycle = trigger[:, 0]
+        return {"requests": float(cycle.mean()),
+                "requests_sem": float(cycle.std(ddof=1) / math.sqrt(trials)) if trials > 1 else 0.0,
+                "retrain_shard_passes": [float(v) for v in retrain.sum(axis=1).mean(axis=0)],
+                "shard_out": float(out.any(axis=1).mean())}
+    rates = 1.0 / when.mean(axis=0)   # restorations of each shard per request
+    work = retrain.mean(axis=0)       # (m, L) what each shard's restoration retrains
+    return {"requests": float(1.0 / rates.sum()), "requests_sem": None,
+            "retrain_shard_passes": [float(v) for v in (rates[:, None] * work).sum(axis=0) / rates.sum()],
+            "shard_out": float((rates * out.mean(axis=0)).sum() / rates.sum())}
 
 
 def save_json(report: CostReport, path: str | os.PathLike[str]) -> None:

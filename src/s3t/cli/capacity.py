@@ -112,7 +112,8 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
          records: Annotated[Optional[int], typer.Option(help="Training records (N); default with --calibrate RUN_DIR: its live records.")] = None,
          periods: Annotated[int, typer.Option(help="Horizon, in periods.")] = 12,
          period_days: Annotated[float, typer.Option(help="Days per period (30: deletions per month).")] = 30.0,
-         throughput: Annotated[Optional[float], typer.Option(help="Measured training examples per second, taken as the same at every depth.")] = None,
+         throughput: Annotated[Optional[list[float]], typer.Option(help="Measured training examples per second: once (every depth), or once per depth 1..L (as a calibration prints them).")] = None,
+         trunk_throughput: Annotated[Optional[float], typer.Option(help="With --throughput: records per second of the one-off frozen forward that fills the trunk cache (as a calibration prints it); default: not counted.")] = None,
          calibrate: Annotated[Optional[Path], typer.Option(help="Measure the throughput on this run's model and data (a few batches per depth, in a temporary copy); its plan is the default plan.")] = None,
          calibrate_data: Annotated[Optional[str], typer.Option(help="Measure the throughput on these records (.jsonl, .csv or `bbc-news`) with the plan's model.")] = None,
          calibrate_batches: Annotated[int, typer.Option(help="Batches timed per depth when calibrating.")] = 4,
@@ -125,6 +126,7 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
          recommend: Annotated[bool, typer.Option("--recommend", help="Take m, L, B from `s3t plan-capacity`'s cheapest plan that absorbs one period's deletions.")] = False,
          retrain_every: Annotated[float, typer.Option(help="Full retraining: days between retrains.")] = 30.0,
          restore_below: Annotated[int, typer.Option(help="S3T: restore when a shard's served depth falls below this (1: when a shard drops out).")] = 1,
+         restore_scope: Annotated[str, typer.Option(help="S3T: restore everything truncated (all: what `s3t restore` does) or only the shard that fell below (shard: not in the engine yet).")] = "all",
          distribution: Annotated[str, typer.Option(help="Requests: cells, uniform, zipf or hot (as in s3t simulate).")] = "cells",
          population: Annotated[int, typer.Option(help="Records (uniform) or subjects (zipf, hot) requests draw from.")] = 10_000,
          trials: Annotated[int, typer.Option(help="Monte Carlo trials for S3T's restorations.")] = 2000,
@@ -135,9 +137,10 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
 
     Machine-hours (and money, given --price) to train once and to keep up with the expected deletions,
     deletions served without downtime, and how long a deleted record keeps influencing the served model.
-    S3T truncates at once and restores everything truncated when a shard's served depth falls below
-    --restore-below (how often, and what it retrains, simulated on the engine's rules); SISA retrains the
-    hit shard from the hit slice after every deletion; full retraining retrains one fine-tune every
+    S3T truncates at once and restores everything truncated (or, with --restore-scope shard, only that
+    shard) when a shard's served depth falls below --restore-below (how often, and what it retrains,
+    simulated on the engine's rules); SISA retrains the hit shard from the hit slice after every deletion,
+    and a hit in a shard's first slice takes that shard out meanwhile; full retraining retrains one fine-tune every
     --retrain-every days, so a deleted record stays in the model half that interval on average. Modelled:
     expected values, equal slices, one machine, examples / throughput per stage depth (one figure for every
     depth unless calibrated, which overstates S3T against the others). Not modelled: accuracy, requests
@@ -148,7 +151,7 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     from ..calibration import calibrate_run, run_info
     from ..calibration import calibrate as time_training
     from ..capacity import Requests
-    from ..cost import ASSUMPTIONS, cost_report, plot, save_json
+    from ..cost import ASSUMPTIONS, Throughput, cost_report, plot, save_json
     from ..plan import Plan
     from ..planner import plan_capacity as recommend_plans
     from .run import _load_data as load_data
@@ -161,6 +164,8 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     if len(sources) != 1:
         raise S3TError(f"give exactly one of --throughput, --calibrate RUN_DIR or --calibrate-data FILE; got "
                        f"{', '.join(sources) or 'none'}")
+    if trunk_throughput is not None and throughput is None:
+        raise S3TError("--trunk-throughput goes with --throughput (a calibration measures both)")
     if recommend and any(v is not None for v in (shards, slices, budget)):
         raise S3TError("--recommend chooses m, L and B itself; drop -m/-L/-B, or drop --recommend")
     base, live = (run_info(calibrate) if calibrate else (None, None))
@@ -192,9 +197,13 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     elif calibrate_data is not None:
         console.print(f"calibrating on {calibrate_data} ...")
         throughput = time_training(plan, load_data(calibrate_data), batches=calibrate_batches)
+    if throughput is not None and not isinstance(throughput, Throughput):
+        throughput = (Throughput.uniform(throughput[0], plan.num_slices, trunk=trunk_throughput)
+                      if len(throughput) == 1 else Throughput(tuple(throughput), trunk_throughput))
     report = cost_report(plan, records=records, deletions_per_period=deletions, periods=periods,
                          throughput=throughput, price=price, period_days=period_days,
-                         retrain_every_days=retrain_every, restore_below=restore_below, requests=requests,
+                         retrain_every_days=retrain_every, restore_below=restore_below,
+                         restore_scope=restore_scope, requests=requests,
                          trials=trials, seed=seed)
     for option, (path, write) in {"--out-json": (out_json, save_json), "--out-png": (out_png, plot)}.items():
         if path is not None:
@@ -237,8 +246,10 @@ def _print_cost(report, assumptions) -> None:
     money = report.price is not None
     console.print(f"{report.records:,} records, {report.deletions_per_period:g} deletion requests per "
                   f"{report.period_days:g} days, over {report.periods} periods; S3T m={p.num_shards} L={p.num_slices} "
-                  f"B={p.resolved_budget}, {p.epochs} epoch(s); {', '.join(f'{r:.0f}' for r in t.per_depth)} "
-                  f"training examples/s by depth ({t.source})")
+                  f"B={p.resolved_budget}, {p.epochs} epoch(s); {', '.join(f'{r:.1f}' for r in t.per_depth)} "
+                  f"training examples/s by depth"
+                  + ("" if t.trunk is None else f", {t.trunk:.1f} records/s through the frozen trunk")
+                  + f" ({t.source})")
     table = Table(Column("method", no_wrap=True), "train once", "upkeep", "total", *(["cost"] if money else []),
                   "no downtime", "influence",
                   caption="machine-hours to train once and to keep up with deletions (upkeep); no downtime: deletions "
@@ -247,8 +258,9 @@ def _print_cost(report, assumptions) -> None:
     notes = []
     for m in report.methods:
         if m.method == "S3T":
-            notes.append(f"S3T: {m.events:.1f} restorations (one per {m.detail['requests_per_restoration']:.1f} "
-                         f"requests), {_hours(m.hours_per_event)} each; deletions truncate at once")
+            notes.append(f"S3T: {m.events:.1f} restorations of {'every truncated order' if report.restore_scope == 'all' else 'one shard'} "
+                         f"(one per {m.detail['requests_per_restoration']:.1f} requests), {_hours(m.hours_per_event)} "
+                         "each; deletions truncate at once")
         elif m.method == "SISA":
             notes.append(f"SISA: one shard retrain per deletion, {_hours(m.hours_per_event)} each")
         else:
