@@ -109,6 +109,13 @@ class Throughput:
                             f"{examples_per_s!r}. Measure it with a short run (s3t cost --calibrate RUN_DIR).")
         return cls((float(examples_per_s),) * num_slices, trunk, source)
 
+    @classmethod
+    def of(cls, rates: float | Sequence[float], num_slices: int, *, trunk: float | None = None) -> Throughput:
+        """One rate for every depth, or one per depth 1..L (as `calibrate` measures them)."""
+        if isinstance(rates, Sequence) and len(rates) != 1:
+            return cls(tuple(rates), trunk)
+        return cls.uniform(rates[0] if isinstance(rates, Sequence) else rates, num_slices, trunk=trunk)
+
     @property
     def full(self) -> float:
         """Examples/s when every adapted group trains: SISA stages and the plain fine-tune."""

@@ -21,7 +21,7 @@ from s3t.errors import PlanError
 from s3t.orders import select_orders
 from s3t.plan import Plan
 
-__all__ = ["Candidate", "plan_capacity", "stage_passes", "prefix_counts"]
+__all__ = ["Candidate", "plan_capacity", "recommended_plan", "stage_passes", "prefix_counts"]
 
 
 def stage_passes(plan: Plan) -> float:
@@ -152,6 +152,26 @@ def plan_capacity(
             front.append(c)
     return front[:top]
 
+
+
+def recommended_plan(base: Plan, records: int, deletions: int, *, requests: Requests | None = None,
+                     fit_model: bool = False, trials: int = 1000, seed: int = 0) -> Plan:
+    """`base` with the m, L and B of `plan_capacity`'s cheapest candidate for (`records`, `deletions`).
+
+    With `fit_model`, L is capped so that the layer groups fit the base model (read from its config).
+    """
+    max_slices = 8
+    if fit_model:
+        from s3t.backbone import count_blocks, resolve_model_path
+
+        max_slices = min(8, count_blocks(resolve_model_path(base.base_model)) // (base.blocks_per_slice or 1))
+    found = plan_capacity(records, deletions, epochs=base.epochs, requests=requests, max_slices=max_slices,
+                          trials=trials, seed=seed)
+    if not found:
+        raise PlanError(f"no plan with at most 32 shards and {max_slices} slices keeps every shard live through "
+                        f"{deletions} deletions of {records} records; choose m, L and B yourself")
+    best = found[0]
+    return base.replace(num_shards=best.num_shards, num_slices=best.num_slices, budget=best.budget)
 
 def _integer(name: str, value: object, *, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:

@@ -153,7 +153,7 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     from ..capacity import Requests
     from ..cost import ASSUMPTIONS, Throughput, cost_report, plot, save_json
     from ..plan import Plan
-    from ..planner import plan_capacity as recommend_plans
+    from ..planner import recommended_plan
     from .run import _load_data as load_data
 
     for option, path in {"--out-json": out_json, "--out-png": out_png}.items():   # before any work
@@ -174,18 +174,10 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     if records is None:
         raise S3TError("--records is required (the number of training records), unless --calibrate RUN_DIR gives it")
     requests = Requests(distribution, population=population)
-    if recommend:
-        max_slices = 8
-        if calibrate or calibrate_data:   # the plan will be trained for timing: its groups must fit the model
-            from ..backbone import count_blocks, resolve_model_path
-
-            max_slices = min(8, count_blocks(resolve_model_path(plan.base_model)) // (plan.blocks_per_slice or 1))
-        found = recommend_plans(records, max(1, math.ceil(deletions)), epochs=epochs or plan.epochs,
-                                requests=requests, max_slices=max_slices, trials=min(trials, 1000), seed=seed)
-        if not found:
-            raise S3TError(f"the planner found no plan that absorbs {deletions:g} deletions for {records} records; "
-                           "give -m/-L/-B or --plan instead")
-        shards, slices, budget = found[0].num_shards, found[0].num_slices, found[0].budget
+    if recommend:   # fit the model when it will be trained for timing
+        plan = recommended_plan(plan.replace(epochs=epochs or plan.epochs), records, max(1, math.ceil(deletions)),
+                                requests=requests, fit_model=bool(calibrate or calibrate_data),
+                                trials=min(trials, 1000), seed=seed)
     overrides = {k: v for k, v in dict(num_shards=shards, num_slices=slices, budget=budget, epochs=epochs).items()
                  if v is not None}
     if "num_slices" in overrides and "budget" not in overrides and plan.budget is not None:
@@ -197,9 +189,8 @@ def cost(deletions: Annotated[float, typer.Option(help="Expected deletion reques
     elif calibrate_data is not None:
         console.print(f"calibrating on {calibrate_data} ...")
         throughput = time_training(plan, load_data(calibrate_data), batches=calibrate_batches)
-    if throughput is not None and not isinstance(throughput, Throughput):
-        throughput = (Throughput.uniform(throughput[0], plan.num_slices, trunk=trunk_throughput)
-                      if len(throughput) == 1 else Throughput(tuple(throughput), trunk_throughput))
+    else:
+        throughput = Throughput.of(throughput, plan.num_slices, trunk=trunk_throughput)
     report = cost_report(plan, records=records, deletions_per_period=deletions, periods=periods,
                          throughput=throughput, price=price, period_days=period_days,
                          retrain_every_days=retrain_every, restore_below=restore_below,
