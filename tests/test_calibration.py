@@ -69,3 +69,16 @@ def test_cli_calibrates_on_a_data_file_with_a_plan(tiny_plan, tiny_data, tmp_pat
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["records"] == 5000 and data["plan"]["budget"] == 1
     assert len(data["throughput"]["per_depth"]) == 2
+
+
+def test_a_recommended_plan_for_timing_fits_the_model(tiny_model):
+    from s3t import Plan
+    from s3t.errors import PlanError
+    from s3t.planner import recommended_plan
+
+    tiny = Plan(base_model=tiny_model, blocks_per_slice=1)   # 2 blocks: at most 2 layer groups of 1
+    assert recommended_plan(Plan(), 20_000, 10, trials=300).num_slices == 3
+    with pytest.raises(PlanError, match="2 slices"):
+        recommended_plan(tiny, 20_000, 10, fit_model=True, trials=300)
+    fitted = recommended_plan(tiny, 20_000, 3, fit_model=True, trials=300)
+    assert fitted.num_slices <= 2 and fitted.base_model == tiny_model and fitted.blocks_per_slice == 1
