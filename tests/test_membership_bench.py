@@ -80,3 +80,8 @@ def test_smoke_run_writes_results_plot_and_section(bench, tiny_model, tmp_path):
     assert (tmp_path / "membership.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     section = (tmp_path / "results.md").read_text()
     assert section.startswith(bench.BEGIN) and "| S3T after deletion | loss |" in section
+    # The plot and section can be redrawn from the JSON alone, identically.
+    again = tmp_path / "again"
+    bench.main(["--from-json", str(tmp_path / "results.json"), "--out-dir", str(again),
+                "--report", str(again / "results.md")])
+    assert (again / "results.md").read_text() == section.replace("](results.json)", "](../results.json)")
