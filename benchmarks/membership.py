@@ -112,7 +112,7 @@ def served_scores(system, data: Dataset) -> tuple[np.ndarray, np.ndarray, np.nda
 
     _version, components = system.served()
     trainer = system.trainer
-    logits = shard_logits(trainer.backbone, components, list(data.texts), load=trainer.load,
+    logits = shard_logits(trainer.model, components, [r.model_input for r in data], load=trainer.load,
                           batch_size=64).astype(np.float64)   # (shards, records, labels)
     how = system.plan.aggregation
     if how == "mean_logits":

@@ -32,7 +32,7 @@ def tiny_run(root: Path) -> tuple[Path, list[str]]:
     from transformers import logging as hf_logging
 
     import s3t
-    from s3t.backbone import default_model_path
+    from s3t.models import default_model_path
     from s3t.datasets import synthetic
 
     hf_logging.set_verbosity_error()
@@ -60,7 +60,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="s3t-faults-") as tmp:
         run_dir, ids = tiny_run(Path(tmp))
-        token = make_token(run_dir, "delete", "predict", name="faults", rate=1e6, quota=10**9)
+        token = make_token(run_dir, "delete", "predict", "metrics", name="faults", rate=1e6, quota=10**9)
         started = time.monotonic()
         figures = fault_injection(
             run_dir, token, kills=args.kills, seed=args.seed, ids=ids, long_every=5, short_s=(0.3, 2.0),

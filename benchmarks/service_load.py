@@ -102,7 +102,7 @@ def main() -> None:
         if len(pool) < need:
             raise SystemExit(f"the pool has {len(pool)} ids, fewer than {need}: use more --records")
         random.Random(0).shuffle(pool)
-        token = make_token(run_dir, "predict", "delete", name="load", rate=1e9, quota=10**9)
+        token = make_token(run_dir, "predict", "delete", "metrics", name="load", rate=1e9, quota=10**9)
         with Server(run_dir, "--guard", "off", "--no-worker", "--burst", "1000000", log=Path(tmp) / "server.log") as server:
             with server.client(token) as c:   # warm: the model is loaded and every artifact read once
                 for _ in range(3):

@@ -23,6 +23,16 @@ import httpx
 HOST = "127.0.0.1"   # loopback only
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a server child: offline, unbuffered, and importing the very s3t sources this
+    process imported (a worktree's `src`, not whatever an editable install points at)."""
+    import s3t
+
+    source = str(Path(s3t.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -47,7 +57,7 @@ class Server:
     def start(self) -> "Server":
         for _attempt in range(5):   # a free port can be taken between the probe and the bind: retry
             self.port = free_port()
-            env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+            env = child_env()
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "s3t.cli", "serve", str(self.run_dir), "--host", HOST,
@@ -102,6 +112,48 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class InProcessServer:
+    """The service app in this process, under uvicorn in a thread: tests can reach into `service` (patch
+    the model, read queue lengths) while real HTTP clients talk to it over loopback."""
+
+    def __init__(self, run_dir: Path, settings=None) -> None:
+        from s3t.service.app import create_app
+
+        self.app = create_app(run_dir, settings)
+        self.service = self.app.state.service
+        self.port = 0
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def __enter__(self) -> "InProcessServer":
+        import uvicorn
+
+        from s3t.service.app import uvicorn_config
+
+        self.port = free_port()
+        self._server = uvicorn.Server(uvicorn_config(self.app, host=HOST, port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(60)
+
+    def client(self, token: str | None = None, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kwargs.pop("timeout", 60.0), **kwargs)
 
 
 def make_token(run_dir: Path, *roles: str, name: str = "test", rate: float | None = None,

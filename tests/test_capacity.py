@@ -87,6 +87,15 @@ def test_depth_table_equals_deleting_one_request_at_a_time(case) -> None:
     assert served_depth_table([tuple(o) for o in orders], num_slices)[mask] == (0 if served is None else depths[served])
 
 
+def test_orders_that_start_on_an_empty_cell_are_dead_from_the_start() -> None:
+    """As in the engine (truncation.attainable_depth): with one record in 2 x 2 cells, the shard without it
+    serves nothing before any request, and the other shard serves only orders that start on its cell."""
+    result = simulate(Plan(num_shards=2, num_slices=2, budget=2), requests=Requests("uniform", population=1),
+                      trials=20, seed=0)
+    assert np.all(result.first_death == 0) and np.all(result.all_dead == 1)
+    assert result.live_shards[0] == 1.0 and result.served_depth[0] == 1.0   # (2 + 0) / 2 shards
+
+
 def test_curves_and_event_times_are_consistent() -> None:
     result = simulate(Plan(num_shards=4, num_slices=3, budget=2), trials=500, seed=3)
     assert result.served_depth[0] == 3 and result.live_shards[0] == 4 and result.serving[0] == 1

@@ -28,7 +28,7 @@ def assert_same_model(a, b, components, texts):
         for name in ta[lineage]:
             assert torch.equal(ta[lineage][name], tb[lineage][name]), (lineage, name)
     pa = a.predict_proba(texts)
-    logits_b = shard_logits(b.trainer.backbone, components, texts, load=b.trainer.load, batch_size=64)
+    logits_b = shard_logits(b.trainer.model, components, texts, load=b.trainer.load, batch_size=64)
     assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
 
 
@@ -81,3 +81,50 @@ def test_same_lineage_trains_to_identical_bits(make_run, tiny_plan, tiny_data):
     components = a.served()[1]
     assert components == b.served()[1]
     assert_same_model(a, b, components, list(tiny_data.texts[:8]))
+
+
+def test_deleting_every_record_of_a_label_equals_fresh_training_with_the_same_plan(make_run, tiny_plan, tiny_data):
+    """The label space belongs to the plan: a label whose records are all deleted keeps its column, so the
+    served model still equals a fresh training (with the stored plan) on data that lacks the label."""
+    import s3t
+
+    rare = [s3t.Record(id=f"rare-{k}", text=f"a rare topic number {k} about comets", label="label-rare")
+            for k in range(2)]
+    data = s3t.Dataset(list(tiny_data) + rare)
+    trained = make_run(tiny_plan, data, name="trained").train(progress=False)
+    assert "label-rare" in trained.labels
+    trained.delete(ids=[r.id for r in rare])
+    fresh = make_run(trained.plan, data.without([r.id for r in rare]), name="fresh").train(progress=False)
+    assert fresh.labels == trained.labels
+
+    texts = list(tiny_data.texts[:12]) + ["comets again"]
+    assert_same_model(trained, fresh, trained.served()[1], texts)
+    assert trained.predict_proba(texts).shape == (len(texts), len(trained.labels))
+    trained.restore(progress=False)
+    assert trained.served()[1] == fresh.served()[1]
+    assert_same_model(trained, fresh, trained.served()[1], texts)
+
+
+@pytest.mark.parametrize("emptied", ["shard", "first slice"])
+def test_emptied_data_is_never_trained_or_served_and_equals_fresh_training(emptied, make_run, tiny_plan, tiny_data):
+    """Delete every record of a shard (or of one slice): restore() must not train on nothing; the result is
+    what a fresh training on the reduced data gives (orders starting on an empty slice are never trained)."""
+    trained = make_run(tiny_plan, tiny_data, name="trained").train(progress=False)
+    where = trained.locate(list(tiny_data.ids))
+    victims = [i for i, (shard, slice_) in where.items() if shard == 0 and (emptied == "shard" or slice_ == 0)]
+    trained.delete(ids=victims)
+    trained.restore(progress=False)
+    fresh = make_run(trained.plan, tiny_data.without(victims), name="fresh").train(progress=False)
+
+    st = trained.status()
+    assert st.truncated_orders == 0 and st.shards == fresh.status().shards
+    _, components = trained.served()
+    assert components == fresh.served()[1]
+    if emptied == "shard":
+        assert [c["shard"] for c in components] == [1] and st.shards[0].served_depth == 0
+    else:   # the order that starts on slice 1 trains stage 2 on slice 1 alone; the one starting on slice 0 is dead
+        shard0 = {o["slices"]: o["depth"] for o in trained.registry.orders(shards=[0])}
+        assert shard0 == {(0, 1): 0, (1, 0): 2}
+    texts = list(tiny_data.texts[:12])
+    assert_same_model(trained, fresh, components, texts)
+    assert np.array_equal(trained.predict_proba(texts), fresh.predict_proba(texts))

@@ -126,10 +126,29 @@ def test_blocks_for_more_slices_than_blocks() -> None:
         Plan(num_slices=3).blocks_for(2)
 
 
-def test_check_dataset_size() -> None:
-    Plan(num_shards=3).check_dataset_size(3)
-    with pytest.raises(PlanError, match=r"more shards than records \(2\).*at most 2"):
-        Plan(num_shards=3).check_dataset_size(2)
+def test_labels_are_the_task_label_space_in_their_declared_order() -> None:
+    plan = Plan(labels=["sport", "business"])
+    assert plan.labels == ("sport", "business")
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.training_fields(6)["labels"] == ["sport", "business"]   # part of every lineage
+
+
+@pytest.mark.parametrize("labels, match", [
+    ("sport", r"`labels` must be a non-empty list.*got 'sport'"),
+    ([], r"`labels` must be a non-empty list"),
+    (["sport", " "], r"`labels` must hold non-blank strings; got ' '"),
+    (["sport", 3], r"`labels` must hold non-blank strings; got 3"),
+    (["a", "b", "a"], r"`labels` names 'a' more than once"),
+])
+def test_labels_are_checked(labels, match) -> None:
+    with pytest.raises(PlanError, match=match):
+        Plan(labels=labels)
+
+
+def test_num_threads_is_a_positive_int_or_none() -> None:
+    assert Plan(num_threads=1).num_threads == 1 and Plan().num_threads is None
+    with pytest.raises(PlanError, match=r"`num_threads` must be an int >= 1 or None; got 0"):
+        Plan(num_threads=0)
 
 
 def test_to_json_is_sorted_indented_and_stamped() -> None:
@@ -233,7 +252,7 @@ def test_training_fields_exclude_non_training_settings() -> None:
     fields = plan.training_fields(6)
     assert fields["blocks_per_slice"] == 2 and fields["lora_targets"] == ["query"]
     assert set(fields) == {"method", "num_slices", "blocks_per_slice", "lora_rank", "lora_alpha", "lora_dropout",
-                           "lora_targets", "epochs", "learning_rate", "batch_size", "max_length", "seed"}
+                           "lora_targets", "epochs", "learning_rate", "batch_size", "max_length", "seed", "labels"}
     json.dumps(fields)  # must be hashable as JSON
     # Settings that only choose which stages run, or how they are served, must not change lineage.
     other = plan.replace(num_shards=7, budget=6, selection="bms", deletion_prior=(1, 2, 3),

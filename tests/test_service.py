@@ -96,7 +96,9 @@ def test_health_and_openapi_document_every_endpoint(server):
     assert {"/v1/predict", "/v1/deletions", "/v1/deletions/{request_id}", "/v1/status", "/v1/restore",
             "/v1/review", "/v1/review/{flag_id}", "/v1/review/{flag_id}/apply", "/v1/review/{flag_id}/reject",
             "/healthz", "/metrics"} <= set(paths)
-    assert server.client().get("/docs").status_code == 200
+    # Changed by design (issue 9, item 11): interactive docs load scripts from a CDN, so they are off
+    # unless `--docs`; the OpenAPI document stays.
+    assert server.client().get("/docs").status_code == 404
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer s3t_not-a-real-token"},
@@ -137,7 +139,7 @@ def test_token_cli_create_list_revoke_and_the_server_refuses_at_once(server, run
     again = runner.invoke(app, ["token", "revoke", str(run), info["id"]])
     assert again.exit_code == 1 and "no live token" in again.stderr
     bad = runner.invoke(app, ["token", "create", str(run), "--role", "root"])
-    assert bad.exit_code == 1 and "predict, delete, admin" in bad.stderr
+    assert bad.exit_code == 1 and "predict, delete, metrics, admin" in bad.stderr   # the metrics role is new
 
 
 # -- predictions and status -----------------------------------------------------------------------------
@@ -156,7 +158,9 @@ def test_predict_returns_labels_probabilities_and_the_served_version(server, tok
 
 
 def test_status_reports_shards_capacity_and_restoration(server, tokens):
-    st = server.client(tokens["predictor"]).get("/v1/status").json()
+    # Changed by design (issue 9, item 11): per-shard capacity is for admin (and `metrics`) tokens only;
+    # a predict token sees whether the model serves (test_service_abuse.py checks the coarse view).
+    st = server.client(tokens["admin"]).get("/v1/status").json()
     assert st["trained"] and len(st["shards"]) == 2
     assert {"served_depth", "live_orders", "deletions_to_drop"} <= set(st["shards"][0])
     assert st["capacity_left"] == min(s["deletions_to_drop"] for s in st["shards"] if s["served_depth"] > 0)
@@ -290,7 +294,7 @@ def test_daily_quota_counts_ids_and_subjects(server, run):
 def test_metrics_expose_counters_histograms_and_run_state(server, tokens):
     server.client(tokens["predictor"]).post("/v1/predict", json={"texts": ["x"]})
     server.client().get("/v1/status")   # a 401
-    text = server.client().get("/metrics").text
+    text = server.client(tokens["admin"]).get("/metrics").text   # an admin or `metrics` token (issue 9, item 11)
     for needle in ('s3t_deletion_requests_total{outcome="applied"}', "s3t_deletion_latency_seconds_bucket",
                    "s3t_prediction_requests_total", 's3t_served_depth{shard="0"}', 's3t_shard_capacity{shard="1"}',
                    's3t_rejected_requests_total{reason="unauthenticated"}', "s3t_served_version",
@@ -315,9 +319,9 @@ def test_guard_flags_requests_aimed_at_one_shards_first_slices(trained_dir, tmp_
         assert first.status_code == 200 and first.json()["deleted"], "one unit of capacity is not flagged"
         second = srv.client(attacker).post("/v1/deletions", json={"ids": [cells[0, 1][0]]},
                                            headers={"Idempotency-Key": "k-2"})
-        flags = srv.client(admin).get("/v1/review").json()
+        flags = srv.client(admin).get("/v1/review").json()["flags"]   # a page of flags now (issue 9, item 9)
         assert len(flags) == 1 and "shard 0" in flags[0]["reason"] and "2 units" in flags[0]["reason"]
-        assert f's3t_guard_flags_total{{action="{policy}"}} 1.0' in srv.client().get("/metrics").text
+        assert f's3t_guard_flags_total{{action="{policy}"}} 1.0' in srv.client(admin).get("/metrics").text
         if policy == "alert":
             assert second.status_code == 200 and second.json()["deleted"] == [cells[0, 1][0]]
             assert flags[0]["action"] == "alert" and flags[0]["request_id"] == second.json()["request_id"]
@@ -348,7 +352,7 @@ def test_guard_flags_requests_aimed_at_one_shards_first_slices(trained_dir, tmp_
                                            headers={"Idempotency-Key": "k-3"})
         assert held2.status_code == 202
         flag_id = held2.json()["flag"]["id"]
-        assert [f["id"] for f in srv.client(admin).get("/v1/review?status=pending").json()] == [flag_id]
+        assert [f["id"] for f in srv.client(admin).get("/v1/review?status=pending").json()["flags"]] == [flag_id]
         rejected = srv.client(admin).post(f"/v1/review/{flag_id}/reject", json={"note": "abuse"})
         assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
         assert cells[1, 1][0] in by_cell(run_dir)[1, 1], "a rejected request deletes nothing"
@@ -358,7 +362,7 @@ def test_guard_flags_requests_aimed_at_one_shards_first_slices(trained_dir, tmp_
         # Deletions that consume no capacity (slices already cut) are never flagged.
         for rid in (cells[1, 0][1], cells[0, 0][1]):
             assert srv.client(benign).post("/v1/deletions", json={"ids": [rid]}).status_code == 200
-        assert len(srv.client(admin).get("/v1/review").json()) == 2
+        assert len(srv.client(admin).get("/v1/review").json()["flags"]) == 2
 
 
 # -- public predictions ---------------------------------------------------------------------------------
@@ -395,5 +399,5 @@ def test_restoration_on_request_survives_a_kill_and_resumes(trained_dir, tmp_pat
         assert all(s["served_depth"] == 2 for s in st["shards"])
         assert st["restoration"]["orders_restored"] >= 1
         assert cells[0, 0][0] not in served_lineage_ids(run_dir, st["served_version"])
-        text = srv2.client().get("/metrics").text
+        text = srv2.client(admin).get("/metrics").text
         assert 's3t_restorations_total{outcome="completed"} 1.0' in text

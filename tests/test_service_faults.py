@@ -20,7 +20,7 @@ from servicekit import fault_injection, make_token
 def test_kill_9_under_deletion_load_loses_nothing_and_serves_nothing_tainted(trained_dir, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_dir, run_dir)
-    token = make_token(run_dir, "delete", "predict", name="faults", rate=1e6, quota=10**9)
+    token = make_token(run_dir, "delete", "predict", "metrics", name="faults", rate=1e6, quota=10**9)
     seed = int(os.environ.get("S3T_FAULT_SEED", time.time_ns() % 2**32))
     figures = fault_injection(run_dir, token, kills=20, seed=seed, ids=[r.id for r in tiny_data],
                               long_every=20, short_s=(0.2, 1.0), long_s=(6.0, 9.0), log=tmp_path / "server.log")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import s3t
 from s3t.errors import AuthError, DataError, ForbiddenError, PlanError, RateLimitError
 from s3t.service import guard as guard_module
 from s3t.service.auth import authenticate, create_token, list_tokens, require, revoke_token
@@ -45,32 +46,36 @@ def preview(shard: int, spent: int, *, records: int = 1, depth_after: int = 1) -
                                             "capacity_before": 2, "capacity_after": 2 - spent}]}
 
 
+BIG = 10_000   # an ensemble capacity so large that the ensemble budgets never bind: the ratio alone is judged
+
+
 def test_guard_flags_concentrated_consumption_within_the_window(clock):
     g = CapacityGuard(GuardPolicy(min_spent=2, max_ratio=3.0, window_s=60))
     baseline = {0: 0.25, 1: 0.25}   # a random record consumes 0.25 of each shard's capacity on average
-    first = g.judge_preview("a", preview(0, 1), baseline)
+    first = g.judge_preview("a", preview(0, 1), baseline, capacity=BIG)
     assert not first.flagged
     g.record("a", first)
-    second = g.judge_preview("a", preview(0, 1), baseline)
+    second = g.judge_preview("a", preview(0, 1), baseline, capacity=BIG)
     assert second.flagged and "shard 0" in second.reason and "4.0x" in second.reason
-    assert not g.judge_preview("b", preview(0, 1), baseline).flagged, "windows are per token"
-    spread = g.judge_preview("a", preview(1, 1), baseline)
+    assert not g.judge_preview("b", preview(0, 1), baseline, capacity=BIG).flagged, "windows are per token"
+    spread = g.judge_preview("a", preview(1, 1), baseline, capacity=BIG)
     assert not spread.flagged, "one unit in another shard is not concentration"
     clock.now += 61
-    assert not g.judge_preview("a", preview(0, 1), baseline).flagged, "old requests leave the window"
+    assert not g.judge_preview("a", preview(0, 1), baseline, capacity=BIG).flagged, "old requests leave the window"
 
 
 def test_guard_ratio_compares_with_random_deletions(clock):
     g = CapacityGuard(GuardPolicy(min_spent=2, max_ratio=3.0))
-    assert not g.judge_preview("a", preview(0, 2, records=2), {0: 0.5}).flagged   # 2 vs 1.0: ratio 2
-    assert g.judge_preview("a", preview(0, 2, records=2), {0: 0.3}).flagged       # 2 vs 0.6: ratio 3.3
+    assert not g.judge_preview("a", preview(0, 2, records=2), {0: 0.5}, capacity=BIG).flagged   # 2 vs 1.0: ratio 2
+    assert g.judge_preview("a", preview(0, 2, records=2), {0: 0.3}, capacity=BIG).flagged       # 2 vs 0.6: ratio 3.3
 
 
-def test_guard_protects_the_last_order_when_asked(clock):
-    strict = CapacityGuard(GuardPolicy(protect_last_order=True))
-    verdict = strict.judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0})
+def test_guard_protects_the_last_order_by_default(clock):
+    # Changed by design (issue 9, item 8): protecting a shard's last order is the default now.
+    verdict = CapacityGuard(GuardPolicy()).judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}, capacity=BIG)
     assert verdict.flagged and "out of the ensemble" in verdict.reason
-    assert not CapacityGuard(GuardPolicy()).judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}).flagged
+    lax = CapacityGuard(GuardPolicy(protect_last_order=False))
+    assert not lax.judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}, capacity=BIG).flagged
 
 
 def test_random_consumption_counts_records_in_first_slices_of_live_orders(trained):
@@ -118,3 +123,152 @@ def test_tokens_are_hashed_checked_and_revocable(trained):
     admin, _ = create_token(reg, name="root", roles=["admin"])
     require(admin, "delete")
     require(admin, "predict")
+
+
+# -- the ensemble budget (issue 9, item 8) -----------------------------------------------------------
+def spread(shard: int, *, capacity_before: int = 4, depth_after: int = 3) -> dict:
+    """One record from a fresh slice of a 4-slice shard: one unit of its capacity, the shard stays live."""
+    return {"records": 1, "shards": [{"shard": shard, "depth_before": 4, "depth_after": depth_after,
+                                      "capacity_before": capacity_before, "capacity_after": capacity_before - 1}]}
+
+
+def test_ensemble_budget_bounds_an_attack_spread_over_every_shard(clock):
+    # 4 shards x 4 orders with distinct first slices: 16 units. Random deletions consume one unit per record
+    # too at first (every slice is some order's first), so the per-shard ratio cannot see this attack.
+    g = CapacityGuard(GuardPolicy(window_s=60))   # defaults: token_share 0.25, total_share 0.5, min_spent 2
+    per_record = {s: 1.0 for s in range(4)}
+    capacity = 16
+
+    def send(token: str, shard: int) -> bool:
+        nonlocal capacity
+        verdict = g.judge_preview(token, spread(shard), per_record, capacity=capacity)
+        if not verdict.flagged:
+            g.record(token, verdict)
+            capacity -= verdict.units
+        return verdict.flagged
+
+    assert [send("a", k % 4) for k in range(4)] == [False] * 4, "a quarter of the ensemble per token"
+    verdict = g.judge_preview("a", spread(0), per_record, capacity=capacity)
+    assert verdict.flagged and "token a would consume 5 of the ensemble's 16 units" in verdict.reason
+    assert [send("b", k % 4) for k in range(4)] == [False] * 4, "another token has its own quarter"
+    verdict = g.judge_preview("c", spread(1), per_record, capacity=capacity)
+    assert verdict.flagged and "all tokens together would consume 9 of the ensemble's 16 units" in verdict.reason
+    clock.now += 61
+    assert not g.judge_preview("c", spread(1), per_record, capacity=capacity).flagged, "the window slides"
+
+
+def test_ensemble_budget_floor_and_reviewed_consumption(clock):
+    g = CapacityGuard(GuardPolicy(min_spent=2, window_s=60))
+    # A 4-unit ensemble: a quarter is 1 unit, but every token may take `min_spent` (2) before it is judged.
+    first = g.judge_preview("a", spread(0, capacity_before=2, depth_after=1), {0: 1.0, 1: 1.0}, capacity=4)
+    assert not first.flagged
+    g.record("a", first)
+    second = g.judge_preview("a", spread(1, capacity_before=2, depth_after=1), {0: 1.0, 1: 1.0}, capacity=3)
+    assert not second.flagged
+    g.record("a", second)
+    assert g.judge_preview("a", spread(0, capacity_before=1, depth_after=1), {0: 1.0, 1: 1.0}, capacity=2).flagged
+    # What admins applied counts towards the capacity the window started with, never towards a budget.
+    g2 = CapacityGuard(GuardPolicy(min_spent=1, window_s=60))
+    g2.record_reviewed(8)
+    verdict = g2.judge_preview("b", spread(0), {0: 1.0}, capacity=8)
+    assert not verdict.flagged and verdict.units == 1, "1 unit of a 16-unit window start is within a quarter"
+    g3 = CapacityGuard(GuardPolicy(min_spent=1, token_share=0.25, total_share=0.25, window_s=60))   # 1 of 4 units
+    random = {s: 1.0 for s in range(4)}
+    g3.record("admin", g3.judge_preview("admin", spread(0), random, capacity=4), reviewed=True)
+    assert not g3.judge_preview("b", spread(1), random, capacity=3).flagged, "an admin's own request is reviewed"
+    g3.record("c", g3.judge_preview("c", spread(2), random, capacity=3))
+    assert g3.judge_preview("b", spread(1), random, capacity=2).flagged, "while an unreviewed one counts"
+
+
+def test_requests_that_consume_nothing_are_never_flagged(clock):
+    g = CapacityGuard(GuardPolicy(min_spent=1, window_s=60))
+    free = {"records": 1, "shards": [{"shard": 0, "depth_before": 1, "depth_after": 1,
+                                      "capacity_before": 1, "capacity_after": 1}]}
+    for _ in range(10):
+        verdict = g.judge_preview("a", free, {0: 0.0}, capacity=1)
+        assert not verdict.flagged
+        g.record("a", verdict)
+
+
+def test_defaults_protect_the_ensemble():
+    # Changed by design (issue 9, item 8): hold and last-order protection are the defaults.
+    policy = ServiceSettings().guard
+    assert (policy.action, policy.protect_last_order, policy.token_share, policy.total_share) == ("hold", True,
+                                                                                                 0.25, 0.5)
+
+
+@pytest.mark.parametrize("changes,match", [(dict(token_share=0), "`token_share`"),
+                                           (dict(total_share=1.5), "`total_share`"),
+                                           (dict(token_share=0.6, total_share=0.5), "cannot exceed")])
+def test_guard_shares_name_the_bad_field(changes, match):
+    with pytest.raises(PlanError, match=match):
+        GuardPolicy(**changes)
+
+
+# -- smaller items (issue 9, item 11) ------------------------------------------------------------------
+def test_rate_limiter_keeps_a_bounded_table_of_the_most_recent_keys(clock):
+    limiter = RateLimiter(max_keys=100)
+    for _ in range(3):
+        limiter.take("victim", rate=1.0, burst=3)
+    for k in range(10_000):   # e.g. rotating client addresses
+        limiter.take(f"client {k}", rate=1.0, burst=3)
+        if k % 50 == 0:   # the draining bucket stays among the most recently used
+            with pytest.raises(RateLimitError):
+                limiter.take("victim", rate=1.0, burst=3)
+    assert len(limiter) == 100
+
+
+def test_uvicorn_trusts_forwarded_headers_only_from_named_proxies():
+    from s3t.service.app import uvicorn_config
+
+    plain = uvicorn_config(object(), host="127.0.0.1", port=1)
+    assert plain.proxy_headers is False
+    behind = uvicorn_config(object(), host="127.0.0.1", port=1, trusted_proxies=["10.0.0.5"])
+    assert behind.proxy_headers is True and behind.forwarded_allow_ips == ["10.0.0.5"]
+
+
+def test_expired_idempotency_keys_are_purged_by_an_index_range(trained):
+    from sqlalchemy import insert, select, text
+
+    from s3t.registry import idempotency
+
+    reg = trained.registry
+    with reg.transaction() as conn:
+        conn.execute(insert(idempotency), [
+            dict(key=f"k{i}", fingerprint="f", request_id=f"r{i}", created_at=f"2020-01-0{1 + i}T00:00:00.000000+00:00")
+            for i in range(3)])
+    with reg.transaction() as conn:
+        assert reg.expire_idempotent(conn, before="2020-01-02T12:00:00.000000+00:00") == 2
+        plan = " ".join(str(r) for r in conn.execute(text(
+            "EXPLAIN QUERY PLAN DELETE FROM idempotency WHERE created_at < '2020'")))
+    assert "ix_idempotency_created_at" in plan, plan
+    with reg.engine.connect() as conn:
+        assert list(conn.execute(select(idempotency.c.key)).scalars()) == ["k2"]
+
+
+def test_a_run_from_before_the_counts_and_indexes_gains_them_when_opened(trained):
+    # An older registry: flagged_requests without the count columns, no service indexes; opening adds them.
+    import sqlite3
+
+    from s3t.service import review
+
+    path, run_dir = trained.run_dir / "registry.sqlite", trained.run_dir
+    flag = review.hold(trained, token_id="t", ids=["a", "b"], subjects=[], reference=None, reason="test")
+    trained.close()
+    with sqlite3.connect(path) as db:
+        for index in ("ix_flagged_created", "ix_flagged_status_created", "ix_flagged_token_status",
+                      "ix_flagged_decided", "ix_idempotency_created_at"):
+            db.execute(f"DROP INDEX {index}")
+        db.execute("ALTER TABLE flagged_requests DROP COLUMN id_count")
+        db.execute("ALTER TABLE flagged_requests DROP COLUMN subject_count")
+    system = s3t.S3T.open(run_dir)
+    try:
+        with sqlite3.connect(path) as db:
+            indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            columns = {r[1] for r in db.execute("PRAGMA table_info(flagged_requests)")}
+        assert {"ix_flagged_created", "ix_idempotency_created_at"} <= indexes and {"id_count", "subject_count"} <= columns
+        page, following = review.flags(system)
+        assert [(f.id, f.id_count) for f in page] == [(flag.id, None)] and following is None   # counted before: unknown
+        assert review.get_flag(system, flag.id).ids == ("a", "b") and review.pending(system, token_id="t") == 1
+    finally:
+        system.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import s3t
 from s3t import datasets
@@ -76,6 +77,21 @@ def test_open_a_damaged_run_says_so(trained_dir, tmp_path, damage):
     assert (run / DB_FILE).exists() == (damage != "database deleted"), "open must not create an empty database"
 
 
+@pytest.mark.parametrize("version, match", [(1, r"created by an older s3t \(run format 1.*recreate it with `s3t train"),
+                                            (3, r"run format 3, which this s3t does not read")])
+def test_open_refuses_a_run_format_it_does_not_read(trained_dir, tmp_path, version, match):
+    import shutil
+
+    from s3t.system import RUN_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_dir, run)
+    (run / RUN_FILE).write_text(json.dumps({"format": version, "database_url": None}))
+    with pytest.raises(RunError, match=match) as info:
+        s3t.S3T.open(run)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("changes", [
     dict(num_slices=2, blocks_per_slice=2),            # 4 blocks needed, the tiny model has 2
     dict(num_slices=1, budget=None, blocks_per_slice=3),
@@ -88,22 +104,46 @@ def test_create_refuses_a_plan_deeper_than_the_model(tmp_path, tiny_plan, tiny_d
     assert not (tmp_path / "run").exists(), "a refused plan must leave no half-made run behind"
 
 
-def test_create_refuses_more_shards_than_records(tmp_path, tiny_plan):
-    data = datasets.synthetic(4, seed=0)
-    with pytest.raises(PlanError, match=r"`num_shards` = 5.*records \(4\)"):
-        s3t.S3T.create(tmp_path / "run", tiny_plan.replace(num_shards=5), data)
-    assert not (tmp_path / "run").exists()
-
-
-def test_create_refuses_a_plan_that_leaves_a_slice_empty(tmp_path, tiny_plan):
-    # One subject: every record shares one (shard, slice) cell, so the other three are empty.
+def test_create_accepts_empty_cells_and_never_trains_an_order_that_starts_on_one(make_run, tiny_plan, caplog):
+    # One subject: every record shares one (shard, slice) cell, so the other three cells are empty. That is
+    # what deletions can leave behind too, so a fresh training on such data must be defined: the rule
+    # (truncation.attainable_depth) trains only orders whose first slice holds records.
     data = datasets.synthetic(8, num_subjects=1, seed=0)
-    cell = next(iter(partition(data, seed=tiny_plan.seed, num_shards=2, num_slices=2).values()))
-    with pytest.raises(PlanError, match=r"shard (\d) slice (\d) would get no records") as info:
-        s3t.S3T.create(tmp_path / "run", tiny_plan, data)
-    named = tuple(int(v) for v in re.search(r"shard (\d) slice (\d)", str(info.value)).groups())
-    assert named != cell and all(0 <= v < 2 for v in named)
-    assert not (tmp_path / "run" / "run.json").exists()
+    shard, slice_ = next(iter(partition(data, seed=tiny_plan.seed, num_shards=2, num_slices=2).values()))
+    with caplog.at_level("WARNING", logger="s3t.system"):
+        system = make_run(tiny_plan, data)
+    assert "3 of 4 cells get no records" in caplog.text
+    system.train(progress=False)
+    st = system.status()
+    assert st.truncated_orders == 0   # nothing left that a restore could train
+    other = 1 - shard
+    assert st.shards[other].served_depth == 0 and st.shards[other].empty_slices == (0, 1)
+    assert st.shards[shard].empty_slices == (1 - slice_,)
+    _, components = system.served()
+    assert [c["shard"] for c in components] == [shard]
+    served = next(o for o in system.registry.orders(shards=[shard]) if o["position"] == components[0]["position"])
+    assert served["slices"][0] == slice_ and components[0]["depth"] == 2   # stage 2 trains on slice_ alone
+    assert all(o["depth"] == 0 for o in system.registry.orders() if o["slices"][0] != slice_ or o["shard"] != shard)
+    assert system.predict_proba(["a text"]).shape == (1, 3)
+
+
+def test_create_stores_the_label_space_and_thread_count_in_the_plan(make_run, tiny_plan, tiny_data):
+    system = make_run(tiny_plan, tiny_data)
+    assert system.plan.labels == tiny_data.labels and system.labels == tiny_data.labels
+    assert system.plan.num_threads == torch.get_num_threads()
+    assert s3t.S3T.open(system.run_dir).plan == system.plan
+
+
+def test_declared_labels_keep_their_order_and_may_exceed_the_data(make_run, tiny_plan, tiny_data):
+    labels = ("label-2", "unused", "label-0", "label-1")
+    system = make_run(tiny_plan.replace(labels=labels), tiny_data).train(progress=False)
+    assert system.labels == labels and system.predict_proba(["a text"]).shape == (1, 4)
+
+
+def test_create_refuses_data_with_labels_the_plan_does_not_declare(tmp_path, tiny_plan, tiny_data):
+    with pytest.raises(DataError, match=r"label\(s\) 'label-2' that the plan's `labels` \['label-0', 'label-1'\]"):
+        s3t.S3T.create(tmp_path / "run", tiny_plan.replace(labels=["label-0", "label-1"]), tiny_data)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("data", [
@@ -299,11 +339,17 @@ def test_unknown_subject_is_reported_as_a_digest_only(trained, tiny_data):
 
 
 def test_deleted_content_does_not_survive_in_the_registry_file(trained, tiny_data):
+    import sqlite3
+
     record = tiny_data[4]
     db = trained.run_dir / "registry.sqlite"
-    assert record.text.encode() in db.read_bytes()   # guard: the check below can fail
+    con = sqlite3.connect(db)
+    sealed = con.execute("select input from records where id = ?", (record.id,)).fetchone()[0]
+    con.close()
+    # The text is stored sealed, never in clear; its sealed bytes are there (guard: the check below can fail).
+    assert record.text.encode() not in db.read_bytes() and sealed in db.read_bytes()
     trained.delete(ids=[record.id])
-    assert record.text.encode() not in db.read_bytes()
+    assert record.text.encode() not in db.read_bytes() and sealed not in db.read_bytes()
 
 
 @pytest.mark.parametrize("request_, match", [

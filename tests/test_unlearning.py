@@ -44,7 +44,9 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     victim = tiny_data[3]
     marker = victim.text.encode()
     assert sum(r.text == victim.text for r in tiny_data) == 1
-    assert marker in run_bytes(trained)
+    shard, _ = trained.locate([victim.id])[victim.id]
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
+    assert marker not in run_bytes(trained), "record text is stored in clear"
     trained.delete(ids=[victim.id])
     trained.close()
     assert marker not in run_bytes(trained), "deleted text survives in the run's files"
@@ -58,11 +60,13 @@ def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
     receipt = trained.delete(subjects=[subject])
     assert set(receipt.deleted) == owned and subject not in str(receipt.to_dict())
     trained.close()
+    # The subject column is gone: a subject is stored only as its keyed digest, from create on.
     con = sqlite3.connect(trained.run_dir / "registry.sqlite")
-    rows = con.execute("select subject, subject_digest, text, label from records where id in (%s)"
+    rows = con.execute("select subject_digest, input, target from records where id in (%s)"
                        % ",".join("?" * len(owned)), sorted(owned)).fetchall()
     con.close()
-    assert rows and all(r[0] is None and r[2] is None and r[3] is None and len(r[1]) == 64 for r in rows)
+    assert rows and all(r[1] is None and r[2] is None and len(r[0]) == 64 for r in rows)
+    assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
 
 
 def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):

@@ -12,24 +12,25 @@ Importing s3t is cheap: torch and transformers load only when a model is trained
 from __future__ import annotations
 
 from . import datasets
-from .errors import (AuthError, ConflictError, DataError, ForbiddenError, IntegrityError, NeedsRestoreError,
-                     NotFoundError, NotTrainedError, PlanError, RateLimitError, RunError, RunExistsError,
-                     RunNotFoundError, S3TError)
+from .errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenError, IntegrityError,
+                     NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError,
+                     RunError, RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
-from .records import Dataset, Record
+from .records import Dataset, PromptRecord, Record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
-    "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "NotTrainedError",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus", "datasets",
+    "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
+    "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
-    "RateLimitError",
+    "RateLimitError", "BusyError",
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
     "cost_report", "CostReport", "MethodCost", "Throughput", "calibrate",
 ]
 
-_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
          "Receipt": "unlearning",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",

@@ -51,7 +51,7 @@ def calibrate(plan: Plan, data: Dataset, *, batches: int = 4) -> Throughput:
         raise DataError(f"calibration needs at least {max(L, warm + 1)} records (one per slice, one warm-up batch "
                         f"of `batch_size` = {plan.batch_size}, then some to time); got {len(data)}.")
     # One shard, one order, one epoch: the same stages, fewer of them. Hash placement keeps the sample's cells
-    # computable here, so the sample can hold a record of every slice (S3T.create refuses empty slices).
+    # computable here, so the sample can hold a record of every slice (an empty one would never be trained).
     probe = plan.replace(num_shards=1, budget=1, epochs=1, selection="cyclic", deletion_prior=None, placement="hash")
     sample = _sample(data, probe, warm + timed)
     with tempfile.TemporaryDirectory(prefix="s3t-calibrate-") as tmp:
@@ -59,12 +59,13 @@ def calibrate(plan: Plan, data: Dataset, *, batches: int = 4) -> Throughput:
         try:
             trainer = system.trainer
             ids = list(sample.ids)
-            text = {r.id: r.text for r in sample}
-            targets = {r.id: system.labels.index(r.label) for r in sample}
+            model_input = {r.id: r.model_input for r in sample}
+            targets = ({r.id: system.labels.index(r.label) for r in sample}
+                       if trainer.model.task == "classify" else None)   # a completion's tokens are its targets
             warm_ids, timed_ids = ids[:warm], ids[warm:]
-            trainer.cache.fill(trainer.backbone, warm_ids, text.__getitem__)   # untimed: first calls are slow
+            trainer.cache.fill(trainer.model, warm_ids, model_input.__getitem__)   # untimed: first calls are slow
             started = time.perf_counter()
-            trainer.cache.fill(trainer.backbone, timed_ids, text.__getitem__)
+            trainer.cache.fill(trainer.model, timed_ids, model_input.__getitem__)
             trunk = len(timed_ids) / (time.perf_counter() - started)
             for depth in range(1, L + 1):
                 # One untimed batch first: the first backward through a depth allocates its buffers.

@@ -42,7 +42,7 @@ from s3t.errors import PlanError
 from s3t.orders import Order, select_orders
 from s3t.partition import partition
 from s3t.plan import Plan
-from s3t.truncation import choose_served, truncate
+from s3t.truncation import attainable_depth, choose_served, truncate
 
 if TYPE_CHECKING:
     import numpy as np
@@ -320,6 +320,11 @@ def first_hits(plan: Plan, *, requests: Requests, trials: int, seed: int, horizo
             mass = np.bincount(cells % num_slices, weights=weights, minlength=num_slices)
             plan = plan.replace(deletion_prior=tuple(float(v) for v in mass))
     shard_orders = [select_orders(plan, k) for k in range(m)]
+    if cells is not None:   # as in the engine, an order whose first slice holds no record is never trained
+        occupied = set(np.unique(cells).tolist())
+        shard_orders = [[o for o in orders if attainable_depth(o, {s for s in range(num_slices)
+                                                                   if k * num_slices + s in occupied})]
+                        for k, orders in enumerate(shard_orders)]
     tables: dict[tuple[Order, ...], NDArray[np.int16]] = {}
     for orders in shard_orders:
         if tuple(orders) not in tables:
@@ -425,7 +430,8 @@ def _measure(first_hit: NDArray[np.float64], table: NDArray[np.int16], horizon: 
         below = after < depth
         k = np.argmax(below, axis=2)
         when = np.take_along_axis(times, k[..., None], axis=2)[..., 0]
-        return np.where(below.any(axis=2), when, np.inf)
+        # A shard below `depth` before any request (no trainable order: every order starts on an empty slice).
+        return np.where(full[None, :] < depth, 0.0, np.where(below.any(axis=2), when, np.inf))
 
     depth_drop = np.stack([drop_times(d).min(axis=1) for d in range(1, num_slices + 1)])
     death = drop_times(1)

@@ -6,6 +6,7 @@
     ├── RunError             a run folder cannot be created, opened or used
     │   ├── RunExistsError   `S3T.create` refuses to overwrite an existing run
     │   ├── RunNotFoundError no run at the given folder
+    │   ├── RunBusyError     another process is training (train/restore) the run
     │   └── NotTrainedError  the run has no trained model yet: call `train()`
     ├── NeedsRestoreError    deletions left no shard with a live order: call `restore()`
     ├── IntegrityError       a stored artifact or lineage failed verification
@@ -13,7 +14,8 @@
     ├── ConflictError        an idempotency key reused for another request; a decided held request
     ├── AuthError            a service token is missing, unknown or revoked (HTTP 401)
     │   └── ForbiddenError   the token is valid but lacks the role the endpoint needs (HTTP 403)
-    └── RateLimitError       a token exceeded its request rate or daily quota (HTTP 429)
+    ├── RateLimitError       a token exceeded its request rate, daily quota or held requests (HTTP 429)
+    └── BusyError            the service has as many predictions waiting as it queues (HTTP 503)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "RunError",
     "RunExistsError",
     "RunNotFoundError",
+    "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError",
     "IntegrityError",
@@ -33,6 +36,7 @@ __all__ = [
     "AuthError",
     "ForbiddenError",
     "RateLimitError",
+    "BusyError",
 ]
 
 
@@ -58,6 +62,10 @@ class RunExistsError(RunError):
 
 class RunNotFoundError(RunError):
     """No run was found at the given folder."""
+
+
+class RunBusyError(RunError):
+    """Another process is training (`train` or `restore`) the run; only one may at a time."""
 
 
 class NotTrainedError(RunError):
@@ -91,6 +99,14 @@ class ForbiddenError(AuthError):
 
 class RateLimitError(S3TError):
     """A token exceeded its request rate or its daily deletion quota; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BusyError(S3TError):
+    """The service's prediction queue is full; retry after `retry_after` seconds."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

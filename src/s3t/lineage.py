@@ -1,8 +1,9 @@
 """Lineage: what a trained component saw, its content address, and every seed derived from it.
 
 A stage artifact (one layer group's LoRA weights + that stage's head) is a pure function of its lineage:
-the training fields of the plan, the base model's digest, the label set and the ordered list of slices
-in its prefix (each slice as its sorted record ids). Seeds come from the lineage hash, never from global
+the training fields of the plan (the label space included), the base model's digest, the numeric
+environment it is trained in (`s3t.environment`) and the ordered list of slices in its prefix (each slice
+as its sorted record ids). Seeds come from the lineage hash, never from global
 RNG state or job order, so the same lineage trains to the same bits wherever and whenever it runs, and
 an unchanged prefix keeps its name (and its file) across deletions elsewhere in the shard.
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = ["slice_digest", "lineage_hash", "stage_seed", "epoch_order"]
 
-LINEAGE_FORMAT = 1
+LINEAGE_FORMAT = 2
 
 
 def _sha256(payload: object) -> str:
@@ -27,13 +28,14 @@ def slice_digest(ids: Iterable[str]) -> str:
     return _sha256(sorted(ids))
 
 
-def lineage_hash(*, training: dict, base_model: str, labels: Sequence[str], prefix: Sequence[str]) -> str:
-    """Content address of the stage trained on `prefix` (the slice digests π1..πi, in order)."""
+def lineage_hash(*, training: dict, base_model: str, environment: str, prefix: Sequence[str]) -> str:
+    """Content address of the stage trained on `prefix` (the slice digests π1..πi, in order) in the
+    numeric environment with fingerprint `environment`."""
     return _sha256({
         "format": LINEAGE_FORMAT,
         "training": training,
         "base_model": base_model,
-        "labels": list(labels),
+        "environment": environment,
         "prefix": list(prefix),
     })
 

@@ -63,6 +63,13 @@ class Plan:
     aggregation: Aggregation = "mean_proba"  # how shard predictions are combined
     method: Method = "s3t"  # "sisa": the baseline, every stage trains all adapted blocks, continuing the last
     base_model: str | None = None  # local Hugging Face folder; None -> embedded all-MiniLM-L6-v2
+    # The task's label space, in predict_proba's column order. Part of the task, not of the data: a label
+    # whose records are all deleted keeps its column, so a fresh training on the reduced data (with this
+    # plan) has the same head. None -> fixed at create from the data's distinct labels, sorted.
+    labels: tuple[str, ...] | None = None
+    # Intra-op threads for training and inference. Bits depend on it (reductions split by thread), so it
+    # is pinned: None -> fixed at create from torch's default on that machine.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalised values are written with object.__setattr__.
@@ -106,6 +113,11 @@ class Plan:
             _check_prior_aware(self)
         if self.base_model is not None:
             put("base_model", _base_model(self.base_model))
+        if self.labels is not None:
+            put("labels", _labels(self.labels))
+        if self.num_threads is not None:
+            put("num_threads", _int("num_threads", self.num_threads, low=1, or_none=True,
+                                    fix="Use None to take torch's default on the machine that creates the run."))
 
     @property
     def resolved_budget(self) -> int:
@@ -137,20 +149,12 @@ class Plan:
             )
         return self.blocks_per_slice
 
-    def check_dataset_size(self, num_records: int) -> None:
-        """Raise `PlanError` if the data has fewer records than the plan has shards."""
-        if self.num_shards > num_records:
-            raise PlanError(
-                f"`num_shards` = {self.num_shards} is more shards than records ({num_records}); "
-                "every shard needs at least one record. "
-                f"Lower `num_shards` to at most {max(num_records, 1)} or add records."
-            )
-
     def training_fields(self, num_blocks: int) -> dict[str, Any]:
         """The settings that change what one training stage computes, as JSON-ready values.
 
-        Sharding, budget, order selection and aggregation only decide *which* stages run, and the base
-        model enters lineage through its own content digest, so they are left out.
+        Sharding, budget, order selection and aggregation only decide *which* stages run, the base model
+        enters lineage through its own content digest and the thread count through the numeric
+        environment (`s3t.environment`), so they are left out.
         """
         return {
             "method": self.method,
@@ -165,6 +169,7 @@ class Plan:
             "batch_size": self.batch_size,
             "max_length": self.max_length,
             "seed": self.seed,
+            "labels": None if self.labels is None else list(self.labels),
         }
 
     def replace(self, **changes: Any) -> Plan:
@@ -367,6 +372,20 @@ def _check_prior_aware(plan: Plan) -> None:
         raise PlanError(f"`placement` = 'prior_aware' chooses the orders itself (safe slices rotated, risky "
                         f"slices last), so `selection` must be 'cyclic'; got {plan.selection!r}. Leave "
                         "`selection` at 'cyclic', or use placement = 'hash' for 'bms' and 'random'.")
+
+
+def _labels(value: object) -> tuple[str, ...]:
+    fix = "Give the task's label names, e.g. ['business', 'sport'], or None to take them from the data."
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise PlanError(f"`labels` must be a non-empty list of label names or None; got {_got(value)}. {fix}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise PlanError(f"`labels` must hold non-blank strings; got {item!r} in {list(value)!r}. {fix}")
+    repeated = sorted({label for label in value if value.count(label) > 1})
+    if repeated:
+        raise PlanError(f"`labels` names {', '.join(map(repr, repeated))} more than once; got {list(value)!r}. "
+                        "List each label once.")
+    return tuple(value)
 
 
 def _base_model(value: object) -> str:

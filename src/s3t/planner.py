@@ -162,7 +162,7 @@ def recommended_plan(base: Plan, records: int, deletions: int, *, requests: Requ
     """
     max_slices = 8
     if fit_model:
-        from s3t.backbone import count_blocks, resolve_model_path
+        from s3t.models import count_blocks, resolve_model_path
 
         max_slices = min(8, count_blocks(resolve_model_path(base.base_model)) // (base.blocks_per_slice or 1))
     found = plan_capacity(records, deletions, epochs=base.epochs, requests=requests, max_slices=max_slices,

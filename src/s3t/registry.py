@@ -1,9 +1,15 @@
 """The run's registry: records, orders, artifacts, lineage, served sets and the deletion ledger.
 
 SQLite in the run folder by default (PostgreSQL by URL), through SQLAlchemy Core. Every state change
-happens inside `transaction()`. On SQLite, `secure_delete` makes the engine overwrite erased content
-instead of leaving it in free pages, and the rollback journal is deleted at commit, so a deleted record's
-text does not survive in the database files.
+happens inside `transaction()`.
+
+Record content (a model input and its target: a text and its label, or a prompt and its completion) and
+the content of held deletion requests is stored sealed (AES-GCM) under
+a key of its own from the run's `KeyStore`: the registry seals on insert and unseals on read, so callers
+see the content, and the database files never hold it in clear. A data subject is stored only as a keyed digest
+(HMAC-SHA256 with the run's ledger key, which is kept outside the database). Erasing NULLs the sealed
+columns, and on SQLite `secure_delete` overwrites them in the database file; the rollback journal's
+copies of those pages stay sealed under a key that the deletion destroys right after its commit.
 
 Concurrency on SQLite: `transaction()` starts with BEGIN IMMEDIATE, taking the write lock before its
 first read, so a read-check-write sequence (the deletion path, a restoration's commit) cannot interleave
@@ -15,13 +21,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, create_engine,
+                        event, func, inspect, select, tuple_, union_all, update)
 from sqlalchemy.engine import Connection, Engine, make_url
+
+from .keystore import KeyStore, aad, seal, unseal
 
 __all__ = ["Registry", "utcnow"]
 
@@ -33,13 +41,19 @@ meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Colu
 records = Table(
     "records", metadata,
     Column("id", String(512), primary_key=True),
-    Column("subject", String(512), index=True),      # NULL once erased
-    Column("text", Text),                            # NULL once erased
-    Column("label", String(512)),                    # NULL once erased
+    Column("subject_digest", String(64), index=True),  # keyed hash of the subject (never stored in clear); kept
+    Column("input", LargeBinary),                    # the model input (text, prompt), sealed; NULL once erased
+    Column("target", LargeBinary),                   # its target (label, completion), sealed; NULL once erased
+    Column("key_slot", Integer, nullable=False),     # the record's key in the KeyStore, destroyed on deletion
     Column("shard", Integer, nullable=False),
     Column("slice", Integer, nullable=False),
     Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
-    Column("subject_digest", String(64), index=True),  # keyed hash of the erased subject, for idempotency
+)
+cells = Table(  # live records per (shard, slice), kept by create and every deletion: no scan to read them
+    "cells", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("slice", Integer, primary_key=True),
+    Column("live", Integer, nullable=False),
 )
 orders = Table(
     "orders", metadata,
@@ -63,6 +77,12 @@ artifacts = Table(
     Column("examples", Integer, nullable=False),
     Column("loss", Float),
     Column("created_at", String(40), nullable=False),
+    Column("environment", String(16)),               # fingerprint of the numeric environment it was trained in
+)
+environments = Table(  # the numeric environments stages were trained in (s3t.environment), by fingerprint
+    "environments", metadata,
+    Column("fingerprint", String(16), primary_key=True),
+    Column("description", Text, nullable=False),     # JSON: versions, device, CPU capability, dtype, threads
 )
 lineage = Table(  # which record ids each artifact saw: the evidence behind every receipt
     "lineage", metadata,
@@ -92,6 +112,7 @@ idempotency = Table(  # a client's idempotency key -> the deletion it made; writ
     Column("fingerprint", String(64), nullable=False),  # hash of the request, to refuse a key reused for another
     Column("request_id", String(64), nullable=False),
     Column("created_at", String(40), nullable=False),
+    Index("ix_idempotency_created_at", "created_at"),   # expired keys are purged by range, not by scan
 )
 tokens = Table(  # HTTP service tokens; only a SHA-256 of each secret is stored
     "tokens", metadata,
@@ -118,14 +139,22 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
     Column("action", String(8), nullable=False),    # alert (applied at once) or hold (waits for an admin)
     Column("status", String(8), nullable=False),    # pending, applied or rejected
     Column("reason", Text, nullable=False),
-    Column("request", Text),                        # JSON {ids, subjects, reference} while pending; NULL after
+    Column("request", LargeBinary),                 # sealed JSON {ids, subjects, reference} while pending; NULL after
+    Column("key_slot", Integer),                    # the key sealing `request`, destroyed once decided
     Column("idempotency_key", String(400), unique=True),
     Column("fingerprint", String(64)),
     Column("request_id", String(64)),               # the ledger entry once applied
     Column("decided_at", String(40)),
     Column("decided_by", String(32)),
     Column("note", Text),
+    Column("id_count", Integer),                    # how many ids and subjects the request named (kept after
+    Column("subject_count", Integer),               # the decision; NULL for requests flagged before v0.1 kept them)
+    Index("ix_flagged_created", "created_at", "id"),             # the review listing, page by page
+    Index("ix_flagged_status_created", "status", "created_at", "id"),
+    Index("ix_flagged_token_status", "token_id", "status"),      # a token's pending holds (the cap)
+    Index("ix_flagged_decided", "decided_at"),                   # expiring decided requests' idempotency keys
 )
+FLAG_SUMMARY = [c for c in flagged.c if c.name not in ("request", "key_slot", "fingerprint", "idempotency_key")]
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock key that serialises writers on PostgreSQL
@@ -153,8 +182,9 @@ def _sqlite_begin(conn: Connection) -> None:
 class Registry:
     """Typed access to one run's database; methods taking `conn` run inside a caller's transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keys: KeyStore) -> None:
         self.url = url
+        self.keys = keys
         sqlite = make_url(url).get_backend_name() == "sqlite"
         self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S} if sqlite else {})
         if sqlite:
@@ -162,12 +192,24 @@ class Registry:
             event.listen(self.engine, "begin", _sqlite_begin)
 
     def create_schema(self) -> None:
-        """Create the tables that are missing (all for a new run; tables added since, for an older one).
+        """Create the tables that are missing (all for a new run; tables, nullable columns and indexes
+        added since, for an older one).
 
         Under the write lock: two processes opening an older run at once do not both create a table.
         """
         with self.transaction() as conn:
+            existing = set(inspect(conn).get_table_names())
             metadata.create_all(conn)
+            for table in metadata.sorted_tables:
+                if table.name not in existing:
+                    continue
+                have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have and column.nullable:
+                        ddl = column.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl}')
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -183,6 +225,7 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.keys.close()
 
     # -- meta ---------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -199,8 +242,28 @@ class Registry:
 
     # -- records ------------------------------------------------------------------------------------
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
-        for start in range(0, len(rows), 5000):
-            conn.execute(records.insert(), list(rows[start:start + 5000]))
+        """Insert records {id, subject_digest, input, target (bytes), shard, slice}, each sealed under a new key."""
+        slots = self.keys.allocate(len(rows))   # inside the caller's write transaction (see KeyStore.allocate)
+        keys = self.keys.keys(slots)
+        sealed = [dict(id=r["id"], subject_digest=r["subject_digest"], shard=r["shard"], slice=r["slice"],
+                       key_slot=slot, input=seal(keys[slot], r["input"], aad("record", r["id"], "input")),
+                       target=seal(keys[slot], r["target"], aad("record", r["id"], "target")))
+                  for r, slot in zip(rows, slots)]
+        for start in range(0, len(sealed), 5000):
+            conn.execute(records.insert(), sealed[start:start + 5000])
+        self._count(conn, rows, +1)
+
+    def add_cells(self, conn: Connection, shape: tuple[int, int]) -> None:
+        """One count per (shard, slice) of a `shape` = (shards, slices) grid, all zero."""
+        conn.execute(cells.insert(), [dict(shard=m, slice=s, live=0) for m in range(shape[0]) for s in range(shape[1])])
+
+    def _count(self, conn: Connection, rows: Iterable[dict], sign: int) -> None:
+        changes: dict[tuple[int, int], int] = defaultdict(int)
+        for row in rows:
+            changes[row["shard"], row["slice"]] += sign
+        for (shard, slice_), n in changes.items():
+            conn.execute(cells.update().where(cells.c.shard == shard, cells.c.slice == slice_)
+                         .values(live=cells.c.live + n))
 
     def live_members(self, shard: int) -> dict[int, list[str]]:
         """Live record ids of each slice of a shard, sorted."""
@@ -215,43 +278,82 @@ class Registry:
                 out[s].append(rid)
         return out
 
-    def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[str, str]]]:
-        """(live ids of each slice, sorted; {id: (text, label)}) of one shard, read in one snapshot.
+    def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[bytes, bytes]]]:
+        """(live ids of each slice, sorted; {id: (input, target)}) of one shard, read in one snapshot.
 
-        One query, so a deletion committing meanwhile cannot leave an id listed without its content.
+        One query, so a deletion committing meanwhile cannot leave an id listed without its content. A
+        record whose key is destroyed by the time it is unsealed was deleted meanwhile: it is left out.
         """
         members: dict[int, list[str]] = defaultdict(list)
-        rows: dict[str, tuple[str, str]] = {}
+        rows: dict[str, tuple[bytes, bytes]] = {}
         with self.engine.connect() as conn:
-            for s, rid, text, label in conn.execute(
-                    select(records.c.slice, records.c.id, records.c.text, records.c.label)
-                    .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)):
-                members[s].append(rid)
-                rows[rid] = (text, label)
+            found = conn.execute(
+                select(records.c.slice, records.c.id, records.c.key_slot, records.c.input, records.c.target)
+                .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)).all()
+        keys = self.keys.keys(r.key_slot for r in found)
+        for s, rid, slot, model_input, target in found:
+            if keys[slot] is None:
+                continue
+            members[s].append(rid)
+            rows[rid] = (unseal(keys[slot], model_input, aad("record", rid, "input")),
+                         unseal(keys[slot], target, aad("record", rid, "target")))
         return dict(members), rows
 
-    def find_records(self, conn: Connection, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+    def find_records(self, conn: Connection, *, ids: Sequence[str] = (),
                      subject_digests: Sequence[str] = ()) -> list[dict]:
-        """Rows for the given ids, subjects and erased subjects' digests, by index lookups only."""
+        """Rows {id, subject_digest, key_slot, shard, slice, deleted_in} for the given ids and subjects'
+        digests, by index lookups only."""
         found: dict[str, dict] = {}
-        cols = (records.c.id, records.c.subject, records.c.subject_digest, records.c.shard, records.c.slice,
+        cols = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
                 records.c.deleted_in)
-        for column, values in ((records.c.id, list(ids)), (records.c.subject, list(subjects)),
-                               (records.c.subject_digest, list(subject_digests))):
+        for column, values in ((records.c.id, list(ids)), (records.c.subject_digest, list(subject_digests))):
             for start in range(0, len(values), 900):
                 for row in conn.execute(select(*cols).where(column.in_(values[start:start + 900]))):
                     found[row.id] = row._asdict()
         return list(found.values())
 
-    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str,
-                      digest: Callable[[str], str]) -> None:
-        """Drop the content of records (text, label, subject); keep the id and a keyed subject digest."""
-        for row in rows:
-            conn.execute(
-                records.update().where(records.c.id == row["id"])
-                .values(text=None, label=None, subject=None, deleted_in=request_id,
-                        subject_digest=digest(row["subject"]) if row["subject"] is not None else None)
-            )
+    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str) -> None:
+        """Drop the sealed content of records; keep the id, the subject's keyed digest and the key slot (the
+        caller destroys the key once this commits)."""
+        ids = [row["id"] for row in rows]
+        for start in range(0, len(ids), 900):
+            conn.execute(records.update().where(records.c.id.in_(ids[start:start + 900]))
+                         .values(input=None, target=None, deleted_in=request_id))
+        self._count(conn, rows, -1)
+
+    def key_slots(self, ids: Sequence[str], *, live_only: bool = False) -> dict[str, int]:
+        """{id: key slot} of these records (only the live ones with `live_only`), by index lookups."""
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 900):
+                q = select(records.c.id, records.c.key_slot).where(records.c.id.in_(list(ids[start:start + 900])))
+                out.update(conn.execute(q.where(records.c.deleted_in.is_(None)) if live_only else q).all())
+        return out
+
+    def live_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(records.c.id).where(records.c.deleted_in.is_(None))).scalars())
+
+    # -- key slots ----------------------------------------------------------------------------------
+    def dead_key_slots(self) -> list[int]:
+        """Slots whose keys must be destroyed: those of deleted records and of decided held requests."""
+        q = union_all(select(records.c.key_slot).where(records.c.deleted_in.is_not(None)),
+                      select(flagged.c.key_slot).where(flagged.c.key_slot.is_not(None), flagged.c.status != "pending"))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def referenced_key_slots(self, conn: Connection | None = None) -> set[int]:
+        """Every slot a row refers to (live or dead): any other allocated slot is a leftover."""
+        q = union_all(select(records.c.key_slot), select(flagged.c.key_slot).where(flagged.c.key_slot.is_not(None)))
+        if conn is not None:
+            return set(conn.execute(q).scalars())
+        with self.engine.connect() as c:
+            return set(c.execute(q).scalars())
+
+    def count_key_slots(self) -> int:
+        with self.engine.connect() as conn:
+            return ((conn.execute(select(func.count(records.c.key_slot))).scalar() or 0)
+                    + (conn.execute(select(func.count(flagged.c.key_slot))).scalar() or 0))
 
     def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int, bool]]:
         out = {}
@@ -309,14 +411,31 @@ class Registry:
         return row._asdict() if row else None
 
     def add_artifact(self, conn: Connection, *, lineage_hash: str, sha256: str, stage: int, examples: int,
-                     loss: float | None, record_ids: Iterable[str]) -> None:
+                     loss: float | None, record_ids: Iterable[str], environment: str) -> None:
         conn.execute(artifacts.delete().where(artifacts.c.lineage == lineage_hash))
         conn.execute(lineage.delete().where(lineage.c.artifact == lineage_hash))
-        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage,
-                                               examples=examples, loss=loss, created_at=utcnow()))
+        conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage, examples=examples,
+                                               loss=loss, created_at=utcnow(), environment=environment))
         rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
         for start in range(0, len(rows), 5000):
             conn.execute(lineage.insert(), rows[start:start + 5000])
+
+    def artifact_lineages(self) -> set[str]:
+        """Every registered artifact."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(artifacts.c.lineage)).scalars())
+
+    def add_environment(self, conn: Connection, fingerprint: str, description: dict) -> None:
+        """Record a numeric environment once (its fingerprint names it in lineages and artifacts)."""
+        if conn.execute(select(environments.c.fingerprint).where(environments.c.fingerprint == fingerprint)).first():
+            return
+        conn.execute(environments.insert().values(fingerprint=fingerprint,
+                                                  description=json.dumps(description, sort_keys=True)))
+
+    def environments(self) -> dict[str, dict]:
+        """{fingerprint: description} of every environment a stage of this run was trained in."""
+        with self.engine.connect() as conn:
+            return {fp: json.loads(d) for fp, d in conn.execute(select(environments))}
 
     def artifact_hashes(self, lineages: Iterable[str]) -> dict[str, str]:
         wanted = list(set(lineages))
@@ -417,13 +536,23 @@ class Registry:
         conn.execute(idempotency.insert().values(key=key, fingerprint=fingerprint, request_id=request_id,
                                                  created_at=utcnow()))
 
+    def expire_idempotent(self, conn: Connection, *, before: str, key: str | None = None) -> int:
+        """Forget idempotency keys created before `before` (ISO time; by index range), or just `key` if
+        it is that old; also decided held requests' keys. Returns how many keys went."""
+        q = idempotency.delete().where(idempotency.c.created_at < before)
+        gone = conn.execute(q if key is None else q.where(idempotency.c.key == key)).rowcount
+        q = (update(flagged).where(flagged.c.decided_at < before, flagged.c.status != "pending",
+                                   flagged.c.idempotency_key.is_not(None)).values(idempotency_key=None))
+        return gone + conn.execute(q if key is None else q.where(flagged.c.idempotency_key == key)).rowcount
+
     # -- capacity inputs ----------------------------------------------------------------------------
-    def live_counts(self) -> dict[tuple[int, int], int]:
-        """Live records per (shard, slice)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(records.c.shard, records.c.slice, func.count())
-                                .where(records.c.deleted_in.is_(None)).group_by(records.c.shard, records.c.slice))
-            return {(shard, sl): n for shard, sl, n in rows}
+    def live_counts(self, conn: Connection | None = None) -> dict[tuple[int, int], int]:
+        """Live records per (shard, slice), every cell included (a small table: no scan of the records)."""
+        q = select(cells.c.shard, cells.c.slice, cells.c.live)
+        if conn is not None:
+            return {(shard, sl): n for shard, sl, n in conn.execute(q)}
+        with self.engine.connect() as c:
+            return {(shard, sl): n for shard, sl, n in c.execute(q)}
 
     def deleted_ids(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -454,13 +583,18 @@ class Registry:
                                                                  token_usage.c.day == day)).scalar() or 0
 
     def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
+        """Count `items` (negative: take them back) towards a token's usage of `day`."""
         done = conn.execute(update(token_usage).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
                             .values(used=token_usage.c.used + items))
         if done.rowcount == 0:
             conn.execute(token_usage.insert().values(token_id=token_id, day=day, used=items))
 
     # -- flagged deletion requests ------------------------------------------------------------------
-    def add_flagged(self, conn: Connection, **row) -> None:
+    def add_flagged(self, conn: Connection, *, request: str | None = None, **row) -> None:
+        """Store a flagged request; its `request` content (if any) is sealed under a new key."""
+        if request is not None:
+            slot = self.keys.allocate(1)[0]   # inside the caller's write transaction (see KeyStore.allocate)
+            row.update(key_slot=slot, request=seal(self.keys.key(slot), request.encode(), aad("flag", row["id"])))
         conn.execute(flagged.insert().values(created_at=utcnow(), **row))
 
     def flagged(self, conn: Connection | None = None, *, flag_id: str | None = None, status: str | None = None,
@@ -473,9 +607,45 @@ class Registry:
         if idempotency_key is not None:
             q = q.where(flagged.c.idempotency_key == idempotency_key)
         if conn is not None:
-            return [r._asdict() for r in conn.execute(q)]
-        with self.engine.connect() as c:
-            return [r._asdict() for r in c.execute(q)]
+            found = [r._asdict() for r in conn.execute(q)]
+        else:
+            with self.engine.connect() as c:
+                found = [r._asdict() for r in c.execute(q)]
+        keys = self.keys.keys(r["key_slot"] for r in found if r["request"] is not None)
+        for r in found:   # unsealed; None once decided (or if its key is already destroyed)
+            key = keys.get(r["key_slot"]) if r["request"] is not None else None
+            r["request"] = unseal(key, r["request"], aad("flag", r["id"])).decode() if key else None
+        return found
 
-    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> None:
-        conn.execute(update(flagged).where(flagged.c.id == flag_id).values(decided_at=utcnow(), **values))
+    def flagged_page(self, *, status: str | None = None, after: tuple[str, str] | None = None,
+                     limit: int = 100) -> list[dict]:
+        """One page of flagged requests without their content, oldest first, after (created_at, id)."""
+        q = select(*FLAG_SUMMARY).order_by(flagged.c.created_at, flagged.c.id).limit(limit)
+        if status is not None:
+            q = q.where(flagged.c.status == status)
+        if after is not None:
+            q = q.where(tuple_(flagged.c.created_at, flagged.c.id) > tuple_(*after))
+        with self.engine.connect() as conn:
+            return [r._asdict() for r in conn.execute(q)]
+
+    def flag_position(self, flag_id: str) -> tuple[str, str] | None:
+        """(created_at, id) of a flagged request, the listing's cursor; None if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(flagged.c.created_at, flagged.c.id).where(flagged.c.id == flag_id)).first()
+        return tuple(row) if row else None
+
+    def count_flagged(self, conn: Connection | None = None, *, status: str, token_id: str | None = None) -> int:
+        """How many flagged requests have `status` (of one token, if given): by index, no content read."""
+        q = select(func.count()).select_from(flagged).where(flagged.c.status == status)
+        if token_id is not None:
+            q = q.where(flagged.c.token_id == token_id)
+        if conn is not None:
+            return conn.execute(q).scalar() or 0
+        with self.engine.connect() as c:
+            return c.execute(q).scalar() or 0
+
+    def decide_flagged(self, conn: Connection, flag_id: str, **values) -> bool:
+        """Decide a pending flagged request; False if it was no longer pending (decided meanwhile)."""
+        done = conn.execute(update(flagged).where(flagged.c.id == flag_id, flagged.c.status == "pending")
+                            .values(decided_at=utcnow(), **values))
+        return done.rowcount > 0

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
+from .files import private_dir, shred, write_private
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ArtifactStore", "file_sha256", "shred_file"]
+__all__ = ["ArtifactStore", "file_sha256"]
 
 SUFFIX = ".safetensors"
 
@@ -26,19 +25,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def shred_file(path: Path) -> None:
-    """Overwrite a file with zeros, flush it to disk, then unlink it (nothing if it is gone already)."""
-    try:
-        size = path.stat().st_size
-        with path.open("r+b") as f:
-            f.write(b"\0" * size)
-            f.flush()
-            os.fsync(f.fileno())
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 class ArtifactStore:
     """A folder of `<lineage>.safetensors` files, two-level fanned out like git objects."""
 
@@ -49,35 +35,39 @@ class ArtifactStore:
         return self.root / lineage[:2] / f"{lineage}{SUFFIX}"
 
     def save(self, lineage: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-        """Write atomically (temp file, fsync, rename) and return the file's SHA-256.
+        """Write atomically (temp file, fsync, rename; mode 0600) and return the file's SHA-256.
 
-        A crash mid-write leaves at most a temp file, never a truncated artifact under its real name.
+        A crash mid-write leaves at most a temp file, never a truncated artifact under its real name; the
+        run's sweep shreds such leftovers (and files whose registration a crash cut off).
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"lineage": lineage, **metadata})
         target = self.path(lineage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=SUFFIX)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"lineage": lineage, **metadata})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            digest = file_sha256(Path(tmp))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return digest
+        private_dir(target.parent)
+        write_private(target, data)
+        return hashlib.sha256(data).hexdigest()
 
     def shred(self, lineage: str) -> None:
         """Erase an artifact's file: weights trained on deleted records must not outlive the deletion."""
-        shred_file(self.path(lineage))
+        shred(self.path(lineage))
+
+    def sweep(self, registered: set[str]) -> list[Path]:
+        """Shred every file that is not a registered artifact (temp files of interrupted saves, stages whose
+        registration a crash cut off, anything else); returns what was shredded.
+
+        Only safe while no trainer can be between `save` and its registration: hold the training lock.
+        """
+        if not self.root.is_dir():
+            return []
+        shredded = []
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            lineage = path.name.removesuffix(SUFFIX)
+            if lineage in registered and path == self.path(lineage):
+                continue
+            if shred(path):
+                shredded.append(path)
+        return shredded
 
     def verify(self, lineage: str, sha256: str) -> bool:
         try:

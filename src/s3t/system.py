@@ -11,31 +11,42 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunError,
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError, RunError,
                      RunExistsError, RunNotFoundError, S3TError)
+from .files import FileLock, create_private, private_dir, shred, write_private
+from .keystore import KeyStore
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
-from .records import Dataset, check_labels
+from .records import Dataset, check_labels, payload
 from .registry import Registry
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, delete, preview, rebuild
+from .unlearning import Receipt, delete, preview, rebuild, restorable, subject_digest
 
-__all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
+if TYPE_CHECKING:
+    from .environment import NumericEnvironment
 
+__all__ = ["S3T", "Prediction", "Generation", "ShardStatus", "Status"]
+
+# The run folder (0700; every file in it 0600, whatever the umask: see files.py).
 RUN_FILE = "run.json"
 DB_FILE = "registry.sqlite"
+KEYS_FILE = "keys.bin"            # one key per record (and per held request), destroyed on deletion
+LEDGER_KEY_FILE = "ledger.key"    # HMAC key of subject digests and request fingerprints: not in the database
 ARTIFACTS_DIR = "artifacts"
-RUN_FORMAT = 1
+TRAIN_LOCK = "train.lock"         # held by whoever trains (train/restore) for the whole rebuild
+RUN_FORMAT = 2                    # 2: sealed content, key file, ledger key file; 1 is refused (no migration)
+TRAIN_LOCK_WAIT_S = 5.0           # a sweep holds the training lock briefly: a trainer waits this long for it
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,7 @@ class ShardStatus:
     served_order: int | None        # position of the served order within the shard; None if the shard is down
     served_depth: int               # layer groups in use (0 = the shard is out of the ensemble)
     deletions_to_drop: int          # fewest further deletions that take the shard out of the ensemble
+    empty_slices: tuple[int, ...] = ()   # slices with no live record: orders starting there are never trained
 
 
 @dataclass(frozen=True)
@@ -56,13 +68,21 @@ class Status:
     live_records: int
     deleted_records: int
     served_version: int
-    truncated_orders: int           # orders below full depth: what `restore()` would retrain
+    truncated_orders: int           # orders below the depth training would give them: what `restore()` retrains
     shards: tuple[ShardStatus, ...]
 
     @property
     def serving(self) -> bool:
         """Whether any shard is live, i.e. predictions can be made."""
         return any(s.served_depth > 0 for s in self.shards)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Completions of prompts, with the served-set version that produced them."""
+
+    texts: tuple[str, ...]
+    served_version: int
 
 
 @dataclass(frozen=True)
@@ -77,11 +97,12 @@ class Prediction:
 class S3T:
     """A trained (or trainable) S3T model stored in a run folder. Use `create` or `open`."""
 
-    def __init__(self, run_dir: Path, plan: Plan, registry: Registry) -> None:
+    def __init__(self, run_dir: Path, plan: Plan, registry: Registry, ledger_key: bytes) -> None:
         self.run_dir = run_dir
         self.plan = plan
         self.registry = registry
-        self.labels: tuple[str, ...] = tuple(json.loads(registry.get_meta("labels") or "[]"))
+        self.labels: tuple[str, ...] = plan.labels or ()
+        self._ledger = ledger_key
         self._trainer = None
 
     def __repr__(self) -> str:
@@ -91,7 +112,7 @@ class S3T:
     @classmethod
     def create(cls, run_dir: str | Path, plan: Plan, data: Dataset, *, database_url: str | None = None) -> "S3T":
         """Partition `data` by `plan` into a new run folder (nothing is trained yet; call `train()`)."""
-        from .backbone import count_blocks, model_digest, resolve_model_path
+        from .models import count_blocks, family_at, model_digest, resolve_model_path
 
         run_dir = Path(run_dir)
         if (run_dir / RUN_FILE).exists():
@@ -103,42 +124,60 @@ class S3T:
         model_path = resolve_model_path(plan.base_model)
         blocks = count_blocks(model_path)
         plan.blocks_for(blocks)
-        plan.check_dataset_size(len(data))
+        plan = _resolve(plan, data, family_at(model_path))
         assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices,
                                placement=plan.placement, risky_slices=plan.risky_slices,
                                risk_threshold=plan.risk_threshold)
         sizes = slice_sizes(assignment, num_shards=plan.num_shards, num_slices=plan.num_slices)
-        if (sizes == 0).any():
-            shard, slice_ = (int(v) for v in np.argwhere(sizes == 0)[0])
-            raise PlanError(f"shard {shard} slice {slice_} would get no records ({len(data)} records over "
-                            f"{plan.num_shards}x{plan.num_slices} slices); use fewer `num_shards` or `num_slices`")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if (sizes == 0).any():   # allowed (see truncation.attainable_depth), but rarely what the user meant
+            empty = [f"shard {m} slice {s}" for m, s in np.argwhere(sizes == 0)]
+            logger.warning("%d of %d cells get no records (%s%s): orders that start with an empty slice are never "
+                           "trained; use fewer shards or slices if that is not what you want", len(empty), sizes.size,
+                           ", ".join(empty[:5]), " ..." if len(empty) > 5 else "")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(run_dir)
         url = database_url or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
-        registry = Registry(url)
+        keys = registry = None
         try:
+            ledger_key = os.urandom(32)
+            write_private(run_dir / LEDGER_KEY_FILE, ledger_key)
+            keys = KeyStore.create(run_dir / KEYS_FILE)
+            if not database_url:
+                create_private(run_dir / DB_FILE)   # 0600 before SQLite opens it: its journal takes this mode
+            registry = Registry(url, keys)
             registry.create_schema()
             with registry.transaction() as conn:
                 registry.set_meta(conn, "plan", plan.to_json())
-                registry.set_meta(conn, "labels", json.dumps(list(data.labels)))
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
-                registry.set_meta(conn, "ledger_key", secrets.token_hex(32))
-                registry.insert_records(conn, [
-                    dict(id=r.id, subject=r.subject, text=r.text, label=r.label,
-                         shard=assignment[r.id][0], slice=assignment[r.id][1]) for r in data])
+                registry.add_cells(conn, (plan.num_shards, plan.num_slices))
+                registry.insert_records(conn, [   # sealed by the registry, each under a key of its own
+                    dict(zip(("input", "target"), payload(r)), id=r.id, shard=assignment[r.id][0],
+                         slice=assignment[r.id][1],
+                         subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
+                    for r in data])
                 registry.insert_orders(conn, [
                     dict(shard=shard, position=k, slices=order, depth=0)
                     for shard in range(plan.num_shards) for k, order in enumerate(select_orders(plan, shard))])
         except BaseException:
-            registry.close()
+            if registry is not None:
+                registry.close()   # closes the key file too
+            elif keys is not None:
+                keys.close()
             shutil.rmtree(run_dir / ARTIFACTS_DIR, ignore_errors=True)
-            (run_dir / DB_FILE).unlink(missing_ok=True)
+            for name in (DB_FILE, KEYS_FILE, LEDGER_KEY_FILE):
+                shred(run_dir / name)
             raise
-        (run_dir / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, "database_url": database_url}, indent=2))
-        return cls(run_dir, plan, registry)
+        write_private(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, "database_url": database_url},
+                                                     indent=2).encode())
+        return cls(run_dir, plan, registry, ledger_key)
 
     @classmethod
     def open(cls, run_dir: str | Path) -> "S3T":
-        """Reopen a run folder written by `create`."""
+        """Reopen a run folder written by `create`.
+
+        Before anything else it finishes what a crash may have cut short: it destroys the keys of deleted
+        records (a crash between a deletion's commit and its key destruction), then sweeps (`sweep`).
+        """
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
             raise RunNotFoundError(f"no s3t run at {run_dir} (missing {RUN_FILE}); create one with `s3t train`")
@@ -146,11 +185,24 @@ class S3T:
         try:
             info = json.loads((run_dir / RUN_FILE).read_text())
             url = info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
+            version = info.get("format")
         except (OSError, ValueError, AttributeError) as exc:
             raise RunError(f"{damaged}: {RUN_FILE} is unreadable ({exc}); restore the folder from a backup") from None
+        if version != RUN_FORMAT:
+            raise RunError(f"the run at {run_dir} was created by an older s3t (run format {version}; this version "
+                           f"reads format {RUN_FORMAT}, which stores record content encrypted); recreate it with "
+                           "`s3t train NEW_RUN_DIR --data ...` (or S3T.create) from the original data"
+                           if isinstance(version, int) and version < RUN_FORMAT else
+                           f"the run at {run_dir} has run format {version!r}, which this s3t does not read "
+                           f"(it reads format {RUN_FORMAT}); open it with the s3t version that created it")
         if not info.get("database_url") and not (run_dir / DB_FILE).is_file():   # never create an empty one
             raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
-        registry = Registry(url)
+        try:
+            ledger_key = (run_dir / LEDGER_KEY_FILE).read_bytes()
+            keys = KeyStore.open(run_dir / KEYS_FILE)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{damaged}: {exc}; restore the folder from a backup") from None
+        registry = Registry(url, keys)
         try:
             registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
             plan = registry.get_meta("plan")
@@ -162,18 +214,64 @@ class S3T:
         if plan is None:
             registry.close()
             raise RunError(f"{damaged}: its database holds no plan; restore the folder from a backup")
-        return cls(run_dir, Plan.from_json(plan), registry)
+        system = cls(run_dir, Plan.from_json(plan), registry, ledger_key)
+        system._destroy_dead_keys()
+        system.sweep()
+        return system
 
     def close(self) -> None:
         self.registry.close()
+
+    # -- erasure at rest ----------------------------------------------------------------------------
+    def _destroy_dead_keys(self) -> None:
+        """Destroy every key that should be gone: those of deleted records and decided held requests (a
+        crash can fall between a commit and its key destruction), and slots that no row refers to (a
+        crash or rollback between a key's allocation and its commit)."""
+        reg, keys = self.registry, self.registry.keys
+        destroyed = keys.destroy(reg.dead_key_slots())
+        if len(keys) != reg.count_key_slots():
+            # Keys are allocated inside write transactions: under the write lock none is about to commit.
+            with reg.transaction() as conn:
+                destroyed += keys.destroy(set(range(len(keys))) - reg.referenced_key_slots(conn))
+        if destroyed:
+            logger.warning("destroyed %d keys that a crash left behind in %s", destroyed, self.run_dir)
+
+    def sweep(self) -> int:
+        """Shred what no registry row accounts for; returns how many files it shredded.
+
+        If no process is training this run: every file under artifacts/ that is not a registered artifact
+        (temp files of interrupted saves, stages a crash left unregistered) and every cached state that
+        belongs to no live record. In any case: the retired stages queued for shredding. Runs at `open`,
+        at the end of every `train`/`restore`, and when the HTTP service starts.
+        """
+        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        if not lock.acquire(wait=0):   # a trainer is between saves and registrations: it sweeps when done
+            return self._shred_retired()
+        try:
+            return self._sweep_orphans() + self._shred_retired()
+        finally:
+            lock.release()
+
+    def _sweep_orphans(self) -> int:
+        """Shred unregistered artifact files and cached states of no live record (hold the training lock)."""
+        from . import cache
+        from .store import ArtifactStore
+
+        shredded = ArtifactStore(self.run_dir / ARTIFACTS_DIR).sweep(self.registry.artifact_lineages())
+        if (self.run_dir / cache.CACHE_DIR).is_dir():
+            shredded += cache.sweep(self.run_dir, self.registry.live_ids())
+        if shredded:
+            logger.warning("shredded %d files of %s that no registry row accounts for (left by a crash)",
+                           len(shredded), self.run_dir)
+        return len(shredded)
 
     # -- training -----------------------------------------------------------------------------------
     @property
     def trainer(self):
         """The stage trainer with the backbone loaded (lazily: opening a run stays cheap)."""
         if self._trainer is None:
-            from .backbone import Backbone, count_blocks, model_digest, resolve_model_path
             from .cache import TrunkCache, cache_key
+            from .models import count_blocks, load_model, model_digest, resolve_model_path
             from .errors import IntegrityError
             from .store import ArtifactStore
             from .training import Trainer
@@ -185,17 +283,30 @@ class S3T:
                                      "its artifacts were trained on the old one: create a new run")
             p, blocks = self.plan, count_blocks(path)
             groups = p.num_slices if p.method == "s3t" else 1   # SISA: one group over every adapted block
-            backbone = Backbone(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
-                                num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
-                                lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
-            boundaries = [backbone.group_start(g) for g in range(1, groups + 1)]
-            cache = TrunkCache(self.run_dir, boundaries=boundaries,
-                               key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries))
-            self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
+            # One adapter slot for training, one per shard for serving them all at once (see inference).
+            model = load_model(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
+                               num_labels=len(self.labels) or None, max_length=p.max_length, lora_rank=p.lora_rank,
+                               lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets,
+                               slots=1 + p.num_shards)
+            boundaries = [model.group_start(g) for g in range(1, groups + 1)]
+            cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
+                               key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
+                                             environment=self.environment().fingerprint))
+            self._trainer = Trainer(model=model, kind=model.kind, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
-                                    training=p.training_fields(blocks), base_digest=digest, labels=self.labels,
+                                    training=p.training_fields(blocks), base_digest=digest,
+                                    environment=self.environment(), labels=self.labels,
                                     epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size)
         return self._trainer
+
+    def environment(self) -> "NumericEnvironment":
+        """The numeric environment this process trains in: the run's pinned thread count on this machine's
+        stack. Stages trained in another environment have other lineages and are never reused here."""
+        import torch
+
+        from .environment import current
+
+        return current(threads=self.plan.num_threads or torch.get_num_threads())
 
     def train(self, *, progress: bool = True) -> "S3T":
         """Train every order of every shard to full depth (resumes an interrupted run)."""
@@ -207,30 +318,38 @@ class S3T:
         return self._rebuild(progress, "restoring")
 
     def _rebuild(self, progress: bool, what: str) -> int:
+        # One trainer per run folder: the sweep may only shred unregistered files while nobody trains.
+        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        if not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
+            raise RunBusyError(f"another process is training the run at {self.run_dir} (it holds "
+                               f"{self.run_dir / TRAIN_LOCK}); wait for it to finish, then retry")
+        try:
+            return self._rebuild_holding_lock(progress, what)
+        finally:
+            lock.release()
+
+    def _rebuild_holding_lock(self, progress: bool, what: str) -> int:
         trainer = self.trainer
-        todo = [o for o in self.registry.orders() if o["depth"] < len(o["slices"])]
+        todo = restorable(self.registry)
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
         try:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
                 return rebuild(self.registry, trainer, on_stage=advance)
         finally:
-            # A deletion from another process can shred a record's cached state between the moment the
-            # cache fill computed it and the moment the fill wrote it. The trainer re-shreds right after
-            # each fill; this last sweep, once no fill runs any more, closes that window for good. Stages
-            # that saw a record deleted while they trained were retired by `rebuild`: shred them too.
-            from .cache import erase_records
-
+            # Stages that saw a record deleted while they trained were retired by `rebuild`; this backstop
+            # retires whatever slipped past its checks. Then sweep, still holding the training lock: files
+            # a crashed or failed registration left, cached states of deleted records, the retired queue.
             deleted = self.registry.deleted_ids()
-            erase_records(self.run_dir, deleted)
             with self.registry.transaction() as conn:   # backstop: whatever slipped past the checks above
                 self.registry.retire(conn, self.registry.artifacts_that_saw(conn, deleted))
+            self._sweep_orphans()
             self._shred_retired()
 
-    def _shred_retired(self) -> None:
+    def _shred_retired(self) -> int:
         """Shred the files of retired artifacts, then forget them (a crash in between only repeats it)."""
         entries = self.registry.retired()
         if not entries:
-            return
+            return 0
         lineages = [lineage for lineage, _at in entries]
         from concurrent.futures import ThreadPoolExecutor
 
@@ -244,6 +363,7 @@ class S3T:
             self._trainer.forget(lineages)
         with self.registry.transaction() as conn:
             self.registry.forget_retired(conn, entries)
+        return len(entries)
 
     # -- inference ----------------------------------------------------------------------------------
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
@@ -257,28 +377,88 @@ class S3T:
         deletion returned uses the served set that deletion chose.
         """
         from .inference import aggregate, shard_logits
+
+        self._require_task("classify", "classify")
+        texts = _check_texts(texts)
+        version, proba = self._with_served(
+            lambda components: aggregate(shard_logits(self.trainer.model, components, texts, load=self.trainer.load,
+                                                      batch_size=batch_size), self.plan.aggregation),
+            empty=np.zeros((0, len(self.labels)), dtype=np.float32) if not texts else None)
+        return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 aggregation: str = "mean_proba", seed: int | None = None) -> list[str]:
+        """Completions of `prompts` by the served ensemble (a causal LM run), one token for all shards per step.
+
+        aggregation: "mean_proba" averages the shards' next-token probabilities, "mean_logprob" their
+        log-probabilities. temperature 0 decodes greedily; above 0 samples (reproducibly with `seed`). The
+        outputs of one prompt are bit-reproducible for the same batch of prompts (CPU kernels block rows).
+        """
+        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             aggregation=aggregation, seed=seed).texts
+
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 aggregation: str = "mean_proba", seed: int | None = None) -> "Generation":
+        """`generate`, with the served-set version used (read when the call starts, as `classify` does)."""
+        from .inference import generate
+
+        self._require_task("generate", "generate")
+        prompts = _check_texts(prompts, name="prompts")
+        _check_generation(max_new_tokens, temperature, aggregation)
+        version, texts = self._with_served(
+            lambda components: generate(self.trainer.model, components, prompts, load=self.trainer.load,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        aggregation=aggregation, seed=seed),
+            empty=[] if not prompts else None)
+        return Generation(tuple(texts), version)
+
+    def perplexity(self, data: Dataset, *, batch_size: int = 16) -> float:
+        """Perplexity of the served ensemble on held-out prompt/completion records (completion tokens only)."""
+        from .inference import perplexity
+
+        self._require_task("generate", "perplexity")
+        if not isinstance(data, Dataset) or data.kind != "prompt":
+            raise DataError("`perplexity` takes a Dataset of {id, prompt, completion} records")
+        records = [r.model_input for r in data]
+        return self._with_served(lambda components: perplexity(self.trainer.model, components, records,
+                                                               load=self.trainer.load, batch_size=batch_size))[1]
+
+    def _with_served(self, compute, *, empty=None):
+        """(served version, compute(components)) on the served set read now, in the run's numeric environment.
+
+        A deletion may switch the served set and retire a stage of the old one mid-call: then the answer
+        comes from the new served set. With no switch, a missing served stage is a real fault: it surfaces.
+        """
+        from .environment import pinned
         from .training import ArtifactRetired
 
-        texts = _check_texts(texts)
         version, components = self.registry.served()
         if version == 0:
             raise NotTrainedError(f"the run at {self.run_dir} is not trained yet: call train() or `s3t train`")
         if not components:
             raise NeedsRestoreError("deletions took every shard out of the ensemble: the model needs restoring "
                                     "(call restore() or `s3t restore`)")
-        if not texts:
-            return Prediction((), np.zeros((0, len(self.labels)), dtype=np.float32), version)
-        trainer = self.trainer
+        if empty is not None:
+            return version, empty
         try:
-            logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+            with pinned(self.trainer.environment):
+                return version, compute(components)
         except ArtifactRetired:
-            # A deletion switched the served set and retired a stage of the old one mid-call: answer from
-            # the new served set. With no switch, a missing served stage is a real fault: let it surface.
             if self.registry.served()[0] == version:
                 raise
-            return self.classify(texts, batch_size=batch_size)
-        proba = aggregate(logits, self.plan.aggregation)
-        return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
+            return self._with_served(compute)
+
+    @property
+    def task(self) -> str:
+        """What the run's model does: "classify" (labels) or "generate" (completions)."""
+        return "classify" if self.labels else "generate"
+
+    def _require_task(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = {"classify": "predict / predict_proba / classify", "generate": "generate / perplexity"}
+            raise DataError(f"`{method}` needs a run that {'classifies' if task == 'classify' else 'generates text'}; "
+                            f"this one {'generates text' if task == 'classify' else 'classifies'}: use "
+                            f"{other[self.task]}")
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
         """Predicted label names."""
@@ -305,10 +485,10 @@ class S3T:
         the same key raises ConflictError); `requested_by` is recorded in the receipt.
         """
         _check_request(ids, subjects)
-        from .cache import erase_records
+        from .cache import erasing
 
         receipt = delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
-                         erase_derived=lambda erased: erase_records(self.run_dir, erased),
+                         erase_derived=lambda erased: erasing(self.run_dir, erased),
                          idempotency_key=idempotency_key, requested_by=requested_by)
         if receipt.retired_artifacts:
             # After the commit: a rolled-back deletion must not lose live stages. The deletion has taken
@@ -316,7 +496,8 @@ class S3T:
             try:
                 self._shred_retired()
             except (OSError, S3TError, SQLAlchemyError) as exc:
-                logger.warning("retired stages stay queued for shredding (the next restore retries): %s", exc)
+                logger.warning("retired stages stay queued for shredding (the next open, sweep or restore "
+                               "retries): %s", exc)
         return receipt
 
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
@@ -339,7 +520,8 @@ class S3T:
             return Receipt.from_dict(self.registry.receipt_in(conn, seen["request_id"])) if seen else None
 
     def _ledger_key(self) -> bytes:
-        return bytes.fromhex(self.registry.get_meta("ledger_key"))
+        """The HMAC key of subject digests and request fingerprints (its own 0600 file, not the database)."""
+        return self._ledger
 
     def receipts(self) -> list[Receipt]:
         """Every deletion receipt in the ledger, oldest first."""
@@ -355,6 +537,7 @@ class S3T:
         version, components = self.registry.served()
         served = {c["shard"]: c for c in components}
         live, deleted = self.registry.count_records()
+        counts = self.registry.live_counts()
         shards = []
         for s in range(self.plan.num_shards):
             mine = [o for o in orders if o["shard"] == s]
@@ -363,9 +546,35 @@ class S3T:
                 shard=s, live_orders=sum(d > 0 for d in depths), orders=len(mine),
                 served_order=served[s]["position"] if s in served else None,
                 served_depth=served[s]["depth"] if s in served else 0,
-                deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths)))
+                deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths),
+                empty_slices=tuple(sl for sl in range(self.plan.num_slices) if not counts.get((s, sl)))))
         return Status(trained=version > 0, live_records=live, deleted_records=deleted, served_version=version,
-                      truncated_orders=sum(o["depth"] < len(o["slices"]) for o in orders), shards=tuple(shards))
+                      truncated_orders=len(restorable(self.registry, orders=orders, counts=counts)),
+                      shards=tuple(shards))
+
+
+def _resolve(plan: Plan, data: Dataset, family) -> Plan:
+    """The plan as the run stores it: label space and thread count fixed, so that a fresh run created with
+    the stored plan trains the same task in the same way (whatever data it gets and wherever it runs)."""
+    import torch
+
+    if data.kind != family.kind:
+        wanted = {"text": "labelled texts {id, text, label}", "prompt": "prompts and completions {id, prompt, "
+                  "completion}"}
+        raise DataError(f"the base model ({family.__name__}) trains on {wanted.get(family.kind, family.kind)}, "
+                        f"but the data holds {wanted.get(data.kind, data.kind)}")
+    if family.task != "classify":
+        if plan.labels is not None:
+            raise PlanError(f"`labels` applies to classification; the base model ({family.__name__}) generates "
+                            "text. Leave `labels` unset")
+    elif plan.labels is None:
+        plan = plan.replace(labels=data.labels)
+    elif unknown := sorted(set(data.labels) - set(plan.labels)):
+        raise DataError(f"the data has label(s) {', '.join(map(repr, unknown))} that the plan's `labels` "
+                        f"{list(plan.labels)!r} does not declare; add them to `labels` or drop those records")
+    if plan.num_threads is None:
+        plan = plan.replace(num_threads=torch.get_num_threads())
+    return plan
 
 
 def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
@@ -376,14 +585,23 @@ def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
         raise DataError("a deletion needs at least one id or subject")
 
 
-def _check_texts(texts: Sequence[str]) -> list[str]:
+def _check_texts(texts: Sequence[str], *, name: str = "texts") -> list[str]:
     if isinstance(texts, str):
-        raise DataError("`texts` must be a list of strings, not a single string; wrap it: [text]")
+        raise DataError(f"`{name}` must be a list of strings, not a single string; wrap it: [{name[:-1]}]")
     texts = list(texts)
     for k, t in enumerate(texts):
         if not isinstance(t, str):
-            raise DataError(f"text {k} must be a string; got {type(t).__name__}: {t!r:.60}")
+            raise DataError(f"{name[:-1]} {k} must be a string; got {type(t).__name__}: {t!r:.60}")
     return texts
+
+
+def _check_generation(max_new_tokens: int, temperature: float, aggregation: str) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 4096:
+        raise DataError(f"`max_new_tokens` must be an int in [1, 4096]; got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100:
+        raise DataError(f"`temperature` must be a number in [0, 100] (0: greedy); got {temperature!r}")
+    if aggregation not in ("mean_proba", "mean_logprob"):
+        raise DataError(f"`aggregation` must be 'mean_proba' or 'mean_logprob'; got {aggregation!r}")
 
 
 class _progress:

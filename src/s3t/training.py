@@ -1,7 +1,8 @@
 """Top-down slice-wise training: one stage per layer group, on cumulative slices, prefix-shared.
 
-Stage i of an order π trains only layer group i's LoRA adapters and the head, on slices π1..πi; groups
-1..i-1 are loaded at the values their own stages reached and stay frozen; deeper groups are absent.
+Stage i of an order π trains only layer group i's LoRA adapters (and, for classification, the head) on
+slices π1..πi; groups 1..i-1 are loaded at the values their own stages reached and stay frozen; deeper
+groups are absent. The loss is the model family's: cross-entropy on the label, or on the completion tokens.
 A stage is named by its lineage hash, so a prefix shared by several orders (or unchanged by a deletion)
 is trained once and reused, and an interrupted run resumes where it stopped.
 """
@@ -12,14 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .backbone import Backbone
 from .cache import CacheMiss, TrunkCache
+from .environment import NumericEnvironment, pinned
 from .errors import IntegrityError
 from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
+from .models import LayeredModel
+from .records import from_payload
 from .registry import Registry
 from .store import ArtifactStore
+from .truncation import attainable_depth
 
 __all__ = ["Trainer", "StageResult", "ArtifactRetired"]
 
@@ -40,11 +43,13 @@ class StageResult:
 class Trainer:
     """Trains and registers stage artifacts for the orders of a run."""
 
-    backbone: Backbone
+    model: LayeredModel
+    kind: str                   # the records' kind (records.KINDS): how stored content becomes model input
     registry: Registry
     store: ArtifactStore
     training: dict              # plan.training_fields(): what a stage's computation depends on
     base_digest: str
+    environment: NumericEnvironment   # the numeric stack stages are trained on (pinned where it can be)
     labels: Sequence[str]
     epochs: int
     learning_rate: float
@@ -56,8 +61,9 @@ class Trainer:
     def lineages(self, order: Sequence[int], members: dict[int, list[str]]) -> list[str]:
         """Lineage hash of every stage of `order` on the shard's current members."""
         digests = [slice_digest(members.get(s, [])) for s in order]
-        return [lineage_hash(training=self.training, base_model=self.base_digest, labels=self.labels,
-                             prefix=digests[:i]) for i in range(1, len(order) + 1)]
+        return [lineage_hash(training=self.training, base_model=self.base_digest,
+                             environment=self.environment.fingerprint, prefix=digests[:i])
+                for i in range(1, len(order) + 1)]
 
     def load(self, lineage: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
         """An artifact's tensors, verified against the registry's hash the first time it is read."""
@@ -77,33 +83,42 @@ class Trainer:
         return tensors
 
     def forget(self, lineages: Sequence[str]) -> None:
-        """Drop retired artifacts' tensors from memory."""
-        for lineage in lineages:
+        """Drop retired artifacts' tensors from memory (and make serving slots that hold them reload)."""
+        gone = set(lineages)
+        for lineage in gone:
             self._tensors.pop(lineage, None)
+        for slot, held in list(self.model.slot_contents.items()):
+            if gone & set(held):
+                self.model.slot_contents.pop(slot, None)
 
     def _usable(self, lineage: str) -> bool:
         row = self.registry.artifact(lineage)
         return row is not None and self.store.verify(lineage, row["sha256"])
 
     # -- one stage ----------------------------------------------------------------------------------
-    def batch_logits(self, batch: Sequence[str], start: int) -> torch.Tensor:
-        """Logits of a training batch: cached frozen state at block `start`, then the adapted blocks above."""
-        hidden, mask = self.cache.load(batch, start)
-        return self.backbone.top(hidden, mask, start)
+    def batch_loss(self, batch: Sequence[str], start: int, targets: dict[str, int] | None) -> torch.Tensor:
+        """Loss of a training batch: cached frozen state at block `start`, then the adapted blocks above."""
+        hidden, aux = self.cache.load(batch, start, device=self.model.device)
+        y = None if targets is None else torch.tensor([targets[i] for i in batch], device=self.model.device)
+        return self.model.loss(self.model.top(hidden, aux, start), aux, y)
 
     def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
-                    targets: dict[str, int]) -> StageResult:
-        """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1.
+                    targets: dict[str, int] | None) -> StageResult:
+        """Train layer group `stage` (and the head) on `ids`, on top of the `parents` stages 1..stage-1.
+
+        `targets` maps each id to its label's index (classification); None when the targets are part of
+        the model input (a completion's tokens).
 
         Input is each record's cached frozen hidden state at the bottom of group `stage`: the blocks
         below run no adapter at this stage, so their output is the same for every stage and order.
         """
-        bb = self.backbone
+        bb = self.model
         seed = stage_seed(lineage)
         # S3T: stage i trains group i from a fresh init. SISA (one group): every stage continues group 1.
         group = bb.groups_at(stage)
-        # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state.
-        with torch.random.fork_rng(devices=[]):
+        # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state; the
+        # thread count is the run's, whatever the process was started with.
+        with torch.random.fork_rng(devices=[]), pinned(self.environment):
             torch.manual_seed(seed)
             for parent in parents:          # group i + head of stage i; the last one leaves head = stage-1's
                 bb.load_state(self.load(parent))
@@ -111,7 +126,7 @@ class Trainer:
                 bb.reset_group(group)
             if stage == 1:
                 bb.reset_head()
-            bb.set_depth(group, train_group=group)
+            bb.set_active(group, train_group=group)
             frozen = {g: bb.group_state(g) for g in range(1, group)}
             start = bb.group_start(group)
             optimizer = torch.optim.AdamW(bb.trainable_parameters(group), lr=self.learning_rate)
@@ -121,8 +136,7 @@ class Trainer:
                 total, count = 0.0, 0
                 for b in range(0, len(order), self.batch_size):
                     batch = order[b:b + self.batch_size]
-                    y = torch.tensor([targets[i] for i in batch])
-                    loss = F.cross_entropy(self.batch_logits(batch, start), y)
+                    loss = self.batch_loss(batch, start, targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -134,7 +148,7 @@ class Trainer:
             for g, before in frozen.items():
                 after = bb.group_state(g)
                 assert all(torch.equal(before[k], after[k]) for k in before), f"stage {stage} changed group {g}"
-            bb.set_depth(0)
+            bb.set_active(0)
             return StageResult({**bb.group_state(group), **bb.head_state()}, losses)
 
     # -- orders -------------------------------------------------------------------------------------
@@ -146,15 +160,14 @@ class Trainer:
         is called after each order is complete so the caller can switch the served set.
         """
         members, rows = self.registry.live_shard(shard)
+        records = {i: from_payload(self.kind, i, content) for i, content in rows.items()}
+        with pinned(self.environment):   # writes live records only
+            self.cache.fill(self.model, sorted(records), lambda i: records[i].model_input)
         label_index = {label: k for k, label in enumerate(self.labels)}
-        self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])
-        # A deletion that shredded a record while `fill` was computing it may have been overwritten by
-        # `fill`'s write: shred again whatever is deleted by now (later deletions find the file and shred it).
-        erased = [i for i, (_shard, _slice, deleted) in self.registry.locate(sorted(rows)).items() if deleted]
-        if erased:
-            self.cache.shred(erased)
-        targets = {i: label_index[label] for i, (_text, label) in rows.items()}
+        targets = {i: label_index[r.label] for i, r in records.items()} if self.model.task == "classify" else None
         for order in orders:
+            if not attainable_depth(order["slices"], members):
+                continue   # its first slice has no records left: never trained, never served (depth stays 0)
             lineages = self.lineages(order["slices"], members)
             try:
                 for stage in range(1, len(lineages) + 1):
@@ -170,12 +183,14 @@ class Trainer:
             on_order(order, lineages)
 
     def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str]) -> None:
-        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row)."""
+        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row,
+        and a file left without its row is shredded by the run's sweep: see `S3T.sweep`)."""
         sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
         with self.registry.transaction() as conn:
+            self.registry.add_environment(conn, self.environment.fingerprint, self.environment.to_dict())
             self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
                                        loss=result.epoch_losses[-1] if result.epoch_losses else None,
-                                       record_ids=ids)
+                                       record_ids=ids, environment=self.environment.fingerprint)
             # Writers are serialised: either a deletion of one of `ids` saw this row and retired it, or it
             # committed before this check, which retires the stage now (the rebuild's sweep shreds the file).
             stale = self.registry.saw_deleted(conn, [lineage])
@@ -187,5 +202,5 @@ class Trainer:
     def pending(self, shard: int, orders: Sequence[dict]) -> int:
         """Number of distinct stages `complete` would train for these orders (for progress bars)."""
         members = self.registry.live_members(shard)
-        todo = {h for o in orders for h in self.lineages(o["slices"], members)}
+        todo = {h for o in orders if attainable_depth(o["slices"], members) for h in self.lineages(o["slices"], members)}
         return sum(not self._usable(h) for h in todo)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-__all__ = ["truncate", "choose_served", "deletions_to_drop"]
+__all__ = ["truncate", "attainable_depth", "choose_served", "deletions_to_drop"]
 
 
 def truncate(order: Sequence[int], depth: int, hit_slices: Collection[int]) -> int:
@@ -20,6 +20,18 @@ def truncate(order: Sequence[int], depth: int, hit_slices: Collection[int]) -> i
         if slice_ in hit_slices:
             return position
     return depth
+
+
+def attainable_depth(order: Sequence[int], live_slices: Collection[int]) -> int:
+    """Depth that training on the current data gives an order: all of it, or 0 if its first slice is empty.
+
+    The rule for empty data, the same in create, train, restore, status and the capacity maths: stage i
+    trains on slices order[0..i-1], so a stage's data is empty only if the order's first slice is, and a
+    stage trained on nothing (an untrained head) would dilute every prediction. Such an order is never
+    trained and never served; its shard serves another order, or drops out while all its orders start
+    with an empty slice. An empty slice further along is harmless: its stage trains on the slices before.
+    """
+    return len(order) if order and order[0] in live_slices else 0
 
 
 def choose_served(depths: Sequence[int]) -> int | None:

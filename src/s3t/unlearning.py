@@ -2,9 +2,10 @@
 
 `delete` never trains and never scans the data: it looks records up by key, erases their content,
 truncates the orders of the shards they sat in, switches the served set, proves from the stored lineage
-that no served artifact saw a deleted id, and retires every stage that did see one (their files are
-shredded once the deletion commits). `rebuild` brings truncated orders back to full depth
-on the current data (it is also how a run is first trained), switching the served set order by order.
+that no served artifact saw a deleted id, retires every stage that did see one (their files are
+shredded once the deletion commits), and, once committed, destroys the records' keys. `rebuild` brings
+truncated orders back to full depth on the current data (it is also how a run is first trained),
+switching the served set order by order.
 `preview` says what a deletion would do to each shard without doing it (the service's abuse guard).
 """
 
@@ -17,17 +18,18 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConflictError, IntegrityError
 from .registry import Registry, utcnow
-from .truncation import choose_served, deletions_to_drop, truncate
+from .truncation import attainable_depth, choose_served, deletions_to_drop, truncate
 
 if TYPE_CHECKING:
     from .training import Trainer
 
-__all__ = ["Receipt", "delete", "preview", "rebuild", "served_component", "subject_digest"]
+__all__ = ["Receipt", "delete", "preview", "rebuild", "restorable", "served_component", "subject_digest"]
 
 
 @dataclass(frozen=True)
@@ -100,37 +102,42 @@ def request_fingerprint(key: bytes, *, ids: Sequence[str], subjects: Sequence[st
 
 
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
-           reference: str | None = None, erase_derived: Callable[[list[str]], None] = lambda ids: None,
+           reference: str | None = None,
+           erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
            idempotency_key: str | None = None, requested_by: str | None = None) -> Receipt:
     """Delete records and/or every record of data subjects; effective when this returns.
 
-    `erase_derived(ids)` removes what was computed from the records' content outside the database
-    (the trunk cache); it runs before the commit, so an acknowledged deletion has left no copy behind.
-    A repeated `idempotency_key` returns the receipt stored under it and deletes nothing; the key is
-    written in the deletion's own transaction, so a request is never applied twice. `requested_by`
-    is stored in the receipt, and the request's ids + subjects count towards that requester's usage
-    for the day (UTC), in the same transaction.
+    `erase_derived(ids)` is a context manager that removes what was computed from the records' content
+    outside the database (the trunk cache) when entered, and keeps it from being recomputed until it
+    exits, after the commit (`cache.erasing`): an acknowledged deletion has left no copy behind. The
+    records' keys are destroyed after the commit (before it, a failed commit would lose live data); a
+    crash in between is finished by the next `S3T.open`. A repeated `idempotency_key` returns the
+    receipt stored under it and deletes nothing; the key is written in the deletion's own transaction,
+    so a request is never applied twice. `requested_by` is stored in the receipt, and the request's ids
+    + subjects count towards that requester's usage for the day (UTC), in the same transaction.
     """
     started = time.perf_counter()
     request_id, created_at = uuid.uuid4().hex, utcnow()
     ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
     digests = {s: subject_digest(key, s) for s in subjects}
     fingerprint = request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
-    with registry.transaction() as conn:
+    with ExitStack() as until_committed, registry.transaction() as conn:
         # 0. A key seen before answers with its stored receipt (checked under the write lock: no race).
         if idempotency_key is not None and (seen := registry.idempotent(conn, idempotency_key)) is not None:
             if seen["fingerprint"] != fingerprint:
                 raise ConflictError(f"idempotency key {idempotency_key!r} was used for a different request "
                                     f"({seen['request_id']}); use a new key for a new request")
-            return Receipt.from_dict(registry.receipt_in(conn, seen["request_id"]))
-        # 1. Resolve the request by key (ids, subjects, tombstoned subject digests): no scan of the data.
-        rows = registry.find_records(conn, ids=ids, subjects=subjects, subject_digests=list(digests.values()))
+            stored = registry.receipt_in(conn, seen["request_id"])
+            # That deletion committed long ago; if its key destruction failed, a retry finishes it.
+            registry.keys.destroy(r["key_slot"] for r in registry.find_records(conn, ids=stored["deleted"]))
+            return Receipt.from_dict(stored)
+        # 1. Resolve the request by key (ids, subjects' keyed digests): no scan of the data.
+        rows = registry.find_records(conn, ids=ids, subject_digests=list(digests.values()))
         live = [r for r in rows if r["deleted_in"] is None]
         known = {r["id"] for r in rows}
-        seen_digests = {r["subject_digest"] for r in rows if r["subject_digest"]} | {
-            digests[r["subject"]] for r in rows if r["subject"] in digests}
+        seen_digests = {r["subject_digest"] for r in rows if r["subject_digest"]}
         # 2. Erase their content; the id stays as a tombstone so a repeat reports "already deleted".
-        registry.erase_records(conn, live, request_id, digest=lambda s: subject_digest(key, s))
+        registry.erase_records(conn, live, request_id)
         # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on.
         hit: dict[int, set[int]] = defaultdict(set)
         for r in live:
@@ -171,15 +178,20 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
             duration_ms=round((time.perf_counter() - started) * 1000, 3), requested_by=requested_by,
             retired_artifacts=tuple(retired),
         )
-        # 7. Shred derived copies (cached hidden states) before committing: a crash here leaves the
-        #    records live and the cache merely cold, never a deleted record's trace behind an acknowledgement.
-        erase_derived([r["id"] for r in live])
+        # 7. Shred derived copies (cached hidden states) before committing, and keep them from being
+        #    rewritten until the commit is done (the stack exits after the transaction): a crash here leaves
+        #    the records live and the cache merely cold, never a deleted record's trace behind an ack.
+        if live:
+            until_committed.enter_context(erase_derived([r["id"] for r in live]))
         # 8. The ledger entry commits with everything above: acknowledged means durable.
         registry.add_receipt(conn, request_id, created_at, receipt.to_dict())
         if idempotency_key is not None:
             registry.add_idempotent(conn, idempotency_key, fingerprint, request_id)
         if requested_by is not None:   # per-requester daily counts (the service's quotas), exact after a crash
             registry.add_usage(conn, requested_by, created_at[:10], len(ids) + len(subjects))
+    # 9. Committed: destroy the records' keys, so every copy of their sealed content (a journal's, a freed
+    #    block's) is noise. Not before the commit: a rolled-back deletion must not lose live records.
+    registry.keys.destroy(r["key_slot"] for r in live)
     return receipt
 
 
@@ -191,7 +203,7 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
     """
     digests = [subject_digest(key, s) for s in subjects]
     with registry.engine.connect() as conn:
-        rows = registry.find_records(conn, ids=list(ids), subjects=list(subjects), subject_digests=digests)
+        rows = registry.find_records(conn, ids=list(ids), subject_digests=digests)
         live = [r for r in rows if r["deleted_in"] is None]
         hit: dict[int, set[int]] = defaultdict(set)
         for r in live:
@@ -212,17 +224,26 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
     return {"records": len(live), "shards": shards}
 
 
+def restorable(registry: Registry, *, orders: Sequence[dict] | None = None,
+               counts: dict[tuple[int, int], int] | None = None) -> list[dict]:
+    """The orders below the depth a training on the current data gives them (`attainable_depth`)."""
+    orders = registry.orders() if orders is None else orders
+    counts = registry.live_counts() if counts is None else counts
+    live = {cell for cell, n in counts.items() if n > 0}
+    return [o for o in orders
+            if o["depth"] < attainable_depth(o["slices"], {sl for (m, sl) in live if m == o["shard"]})]
+
+
 def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None) -> int:
-    """Train every order that is below full depth on the current data; return how many were completed.
+    """Train every order that is below its attainable depth on the current data; return how many were completed.
 
     After each order, one transaction re-checks that none of its artifacts saw a record deleted while it
     trained (such a result is discarded and left for the next rebuild) and switches the served set.
     """
     completed = 0
     by_shard: dict[int, list[dict]] = defaultdict(list)
-    for o in registry.orders():
-        if o["depth"] < len(o["slices"]):
-            by_shard[o["shard"]].append(o)
+    for o in restorable(registry):
+        by_shard[o["shard"]].append(o)
 
     def commit(order: dict, lineages: list[str]) -> None:
         nonlocal completed

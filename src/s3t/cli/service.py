@@ -26,17 +26,24 @@ def serve(run_dir: RunDir,
           rate: Annotated[float, typer.Option(help="Requests per second per token (a token may override).")] = 20.0,
           burst: Annotated[int, typer.Option(min=1, help="Requests a token may send at once before --rate applies.")] = 40,
           quota: Annotated[int, typer.Option(min=1, help="Deletion ids + subjects per token per UTC day.")] = 10_000,
-          guard: Annotated[GuardAction, typer.Option(help="Capacity guard policy: alert (apply, record), hold (wait for an admin) or off.")] = "alert",
-          guard_window: Annotated[float, typer.Option(help="Seconds of a token's history the guard weighs.")] = 3600.0,
-          guard_min_spent: Annotated[int, typer.Option(min=1, help="Capacity units of one shard before the guard judges a token.")] = 2,
-          guard_ratio: Annotated[float, typer.Option(help="Flag at this many times the capacity random deletions would consume.")] = 3.0,
-          protect_last_order: Annotated[bool, typer.Option(help="Also flag requests that would take a shard out of the ensemble.")] = False,
+          guard: Annotated[GuardAction, typer.Option(help="Capacity guard policy: hold (wait for an admin), alert (apply, record) or off.")] = "hold",
+          guard_window: Annotated[float, typer.Option(help="Seconds of history the guard weighs.")] = 3600.0,
+          guard_min_spent: Annotated[int, typer.Option(min=1, help="Capacity units a token may always take per window (and of one shard before the ratio applies).")] = 2,
+          guard_ratio: Annotated[float, typer.Option(help="Flag at this many times the capacity random deletions would consume of one shard.")] = 3.0,
+          guard_token_share: Annotated[float, typer.Option(help="Share of the ensemble's deletion capacity one token may consume per window without review.")] = 0.25,
+          guard_total_share: Annotated[float, typer.Option(help="Share of the ensemble's deletion capacity all tokens together may consume per window without review.")] = 0.5,
+          protect_last_order: Annotated[bool, typer.Option(help="Flag requests that would take a shard out of the ensemble.")] = True,
+          max_held: Annotated[int, typer.Option(min=1, help="Held requests pending per token; beyond, 429 until an admin decides.")] = 100,
+          idempotency_ttl: Annotated[float, typer.Option(help="Seconds an idempotency key is remembered (default 30 days); then a repeat is a new request.")] = 30 * 86400.0,
+          prediction_queue: Annotated[int, typer.Option(min=1, help="Predictions waiting for or using the model; beyond, 503 with Retry-After.")] = 64,
+          trusted_proxy: Annotated[Optional[list[str]], typer.Option("--trusted-proxy", help="Address of a reverse proxy whose X-Forwarded-For is believed (repeatable; default: none).")] = None,
+          docs: Annotated[bool, typer.Option(help="Serve interactive docs at /docs (Swagger UI, loaded from a CDN by the browser).")] = False,
           restore_below: Annotated[Optional[int], typer.Option(min=1, help="Restore in the background when a shard's served depth is below this (default: only on POST /v1/restore).")] = None,
           restore_poll: Annotated[float, typer.Option(help="Seconds between the restoration worker's policy checks.")] = 2.0,
           worker: Annotated[bool, typer.Option(help="Run the background restoration worker.")] = True,
           preload: Annotated[bool, typer.Option(help="Load the model at startup rather than on the first prediction.")] = True,
           log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="Server log verbosity.")] = "info") -> None:
-    """Serve predictions and deletions over HTTP (FastAPI; OpenAPI docs at /docs).
+    """Serve predictions and deletions over HTTP (FastAPI; OpenAPI document at /openapi.json).
 
     Example: s3t serve runs/news --port 8000 --guard hold --restore-below 2
     """
@@ -46,9 +53,12 @@ def serve(run_dir: RunDir,
     settings = ServiceSettings(
         public_predict=public_predict, max_body_bytes=max_body_bytes, rate=rate, burst=burst, daily_quota=quota,
         guard=GuardPolicy(action=guard, window_s=guard_window, min_spent=guard_min_spent, max_ratio=guard_ratio,
-                          protect_last_order=protect_last_order),
+                          protect_last_order=protect_last_order, token_share=guard_token_share,
+                          total_share=guard_total_share),
+        max_held=max_held, idempotency_ttl_s=idempotency_ttl, prediction_queue=prediction_queue, docs=docs,
         restore_below=restore_below, restore_poll_s=restore_poll, worker=worker, preload=preload)
-    run_server(run_dir, host=host, port=port, settings=settings, log_level=log_level)
+    run_server(run_dir, host=host, port=port, settings=settings, trusted_proxies=trusted_proxy or (),
+               log_level=log_level)
 
 
 token_app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -67,7 +77,7 @@ def token() -> None:
 @user_errors
 def token_create(run_dir: RunDir,
                  name: Annotated[str, typer.Option(help="What the token is for (shown in listings).")] = "token",
-                 role: Annotated[Optional[list[str]], typer.Option("--role", help="predict, delete or admin (repeatable; admin implies all).")] = None,
+                 role: Annotated[Optional[list[str]], typer.Option("--role", help="predict, delete, metrics (read-only: /metrics, detailed status) or admin (repeatable; admin implies all).")] = None,
                  rate: Annotated[Optional[float], typer.Option(help="Requests per second (default: the server's --rate).")] = None,
                  quota: Annotated[Optional[int], typer.Option(help="Deletion items per UTC day (default: the server's --quota).")] = None,
                  as_json: AsJson = False) -> None:

@@ -6,9 +6,10 @@ authenticated API (FastAPI + uvicorn).
 
 Modules, one concept each: `settings` (limits and policies), `auth` (bearer tokens and roles), `guard`
 (rate limits, quotas, the capacity guard), `review` (flagged requests: alerts and holds), `worker`
-(background restoration in a child process), `metrics` (Prometheus), `core` (the service's operations,
-independent of HTTP), `models` (request/response schemas), `app` (routes). Importing this package is
-cheap; FastAPI loads with `create_app`.
+(background restoration in a child process), `metrics` (Prometheus), `lanes` (executors per kind of work,
+so predictions cannot starve deletions), `core` (the service's operations, independent of HTTP), `models`
+(request/response schemas), `app` (routes). Importing this package is cheap; FastAPI loads with
+`create_app`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """HTTP routes over `Service`: FastAPI request/response models in, library calls, JSON out.
 
-Every route is a few lines; errors map to statuses in one table (`STATUS`): bad input 422, body too
-large 413, no or unknown token 401, missing role 403, unknown id 404, conflicting idempotency key or a
-decided held request 409, rate limit or quota 429 (with Retry-After), model not trained or every shard
-deleted away 503. See `core` for the concurrency and visibility semantics.
+Every route is a few lines: one call on `Service`, run in its lane (`lanes`: predictions, writes and
+reads each have their own threads, so a flood of predictions cannot delay a deletion or /healthz);
+errors map to statuses in one table (`STATUS`): bad input 422 (duplicate JSON keys included), body too
+large 413, no or unknown token 401, missing role 403, unknown id 404 (also for another token's), a
+conflicting idempotency key or a decided held request 409, rate limit, quota or held-request cap 429
+(with Retry-After), prediction queue full, model not trained or every shard deleted away 503. Error
+messages never name the server's paths. See `core` for the concurrency and visibility semantics.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures, whose dependency
@@ -18,20 +21,22 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import (AuthError, ConflictError, DataError, ForbiddenError, NeedsRestoreError, NotFoundError,
-                      NotTrainedError, RateLimitError, S3TError)
+from ..errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenError, NeedsRestoreError,
+                      NotFoundError, NotTrainedError, RateLimitError, S3TError)
 from .auth import Token
 from .core import Service
 from .metrics import CONTENT_TYPE
-from .models import (DeletionRequest, ErrorOut, FlagOut, HealthResponse, HeldResponse, PredictRequest,
-                     PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision, StatusResponse)
+from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
+                     HeldResponse, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision,
+                     StatusResponse)
 from .settings import ServiceSettings
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "uvicorn_config"]
 
 log = logging.getLogger("s3t.service")
 
@@ -40,6 +45,7 @@ STATUS: list[tuple[type[S3TError], int, str]] = [
     (ForbiddenError, 403, "forbidden"),
     (AuthError, 401, "unauthenticated"),
     (RateLimitError, 429, "rate_limited"),
+    (BusyError, 503, "busy"),
     (NotFoundError, 404, "not_found"),
     (ConflictError, 409, "conflict"),
     (DataError, 422, "invalid"),
@@ -51,11 +57,13 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
                                               pattern=r"^[!-~]+$",
                                               description="Any printable ASCII string; a repeat returns the "
                                                           "first request's result instead of deleting again.")]
+FlagId = Annotated[str, PathParam(max_length=64)]
 
 
 def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> FastAPI:
     """The FastAPI app serving one run folder (opens it now; starts the worker with the app)."""
     service = Service(run_dir, settings)
+    scrub = _scrubber(service)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -65,23 +73,29 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         finally:
             service.close()
 
+    docs = service.settings.docs
     app = FastAPI(title="s3t", version=__version__, lifespan=lifespan, responses=ERRORS,
+                  docs_url="/docs" if docs else None, redoc_url=None,
                   description="Exact machine unlearning (S3T): predictions, deletions with receipts, "
                               "background restoration. Auth: `Authorization: Bearer <token>` "
                               "(`s3t token create RUN_DIR`).")
+    app.router.route_class = StrictJSONRoute
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes,
                        on_reject=lambda: service.metrics.rejected.labels("too_large").inc())
     bearer = HTTPBearer(auto_error=False, description="A token from `s3t token create RUN_DIR --role ROLE`.")
+    reads, writes, model = service.read_lane, service.write_lane, service.model_lane
 
-    def caller(role: str) -> Callable[..., Token | None]:
-        def dependency(request: Request, _scheme=Depends(bearer)) -> Token | None:
+    def caller(*roles: str) -> Callable[..., Token | None]:
+        async def dependency(request: Request, _scheme=Depends(bearer)) -> Token | None:
             client = request.client.host if request.client else "unknown"
-            return service.authorize(request.headers.get("authorization"), role, client=client)
+            return await reads.run(service.authorize, request.headers.get("authorization"), *roles, client=client)
         return dependency
 
     Predictor = Annotated[Token | None, Depends(caller("predict"))]
+    Viewer = Annotated[Token | None, Depends(caller("predict", "metrics"))]
     Deleter = Annotated[Token, Depends(caller("delete"))]
+    Watcher = Annotated[Token, Depends(caller("metrics"))]
     Admin = Annotated[Token, Depends(caller("admin"))]
 
     @app.exception_handler(S3TError)
@@ -91,14 +105,15 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
             log.error("unmapped s3t error: %r", exc)
         service.metrics.rejected.labels(reason).inc()
         headers = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
-        if isinstance(exc, RateLimitError):
+        if isinstance(exc, (RateLimitError, BusyError)):
             headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=code, headers=headers)
+        return JSONResponse({"error": type(exc).__name__, "detail": scrub(str(exc))}, status_code=code,
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         service.metrics.rejected.labels("invalid").inc()
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        detail = [{"loc": list(e.get("loc", ())), "msg": _message(e), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
         return JSONResponse({"error": "ValidationError", "detail": detail}, status_code=422)
 
@@ -117,74 +132,146 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
                             status_code=500)
 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["predictions"])
-    def predict(body: PredictRequest, _token: Predictor) -> PredictResponse:
+    async def predict(body: PredictRequest, _token: Predictor) -> PredictResponse:
         """Classify texts with the served ensemble; reports the served-set version used."""
-        p = service.predict(body.texts)
+        p = await model.run(service.predict, body.texts)
         labels = list(service.system.labels)
         return PredictResponse(served_version=p.served_version, labels=labels, predictions=[
             {"label": label, "probabilities": dict(zip(labels, map(float, row)))}
             for label, row in zip(p.labels, p.probabilities)])
 
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["predictions"])
+    async def generate(body: GenerateRequest, _token: Predictor) -> GenerateResponse:
+        """Complete prompts with the served ensemble of a causal LM run; reports the served-set version used."""
+        g = await model.run(service.generate, body.prompts, max_new_tokens=body.max_new_tokens,
+                            temperature=body.temperature, aggregation=body.aggregation, seed=body.seed)
+        return GenerateResponse(served_version=g.served_version, completions=list(g.texts))
+
     @app.post("/v1/deletions", response_model=ReceiptOut, tags=["deletions"],
               responses={202: {"model": HeldResponse, "description": "Held for an admin's review."}})
-    def delete(body: DeletionRequest, token: Deleter, idempotency_key: IdempotencyKey = None) -> Response:
+    async def delete(body: DeletionRequest, token: Deleter, idempotency_key: IdempotencyKey = None) -> Response:
         """Forget records and/or subjects now; answers once the deletion is durably committed."""
-        result = service.delete(token, ids=body.ids, subjects=body.subjects, reference=body.reference,
-                                idempotency_key=idempotency_key)
+        result = await writes.run(service.delete, token, ids=body.ids, subjects=body.subjects,
+                                  reference=body.reference, idempotency_key=idempotency_key)
         if result.outcome == "held":
             return JSONResponse({"status": "held", "flag": result.flag.to_dict()}, status_code=202)
         return JSONResponse(result.receipt.to_dict(),
                             headers={"Idempotent-Replayed": "true"} if result.outcome == "replayed" else {})
 
     @app.get("/v1/deletions/{request_id}", response_model=ReceiptOut, tags=["deletions"])
-    def receipt(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
+    async def receipt(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
         """The stored receipt of a deletion request (a non-admin token sees its own requests only)."""
-        return service.receipt(token, request_id).to_dict()
+        return (await reads.run(service.receipt, token, request_id)).to_dict()
 
     @app.get("/v1/status", response_model=StatusResponse, tags=["status"])
-    def status(_token: Predictor) -> dict:
-        """Shards, live orders, served depths, capacity left, restoration state, pending holds."""
-        return service.status()
+    async def status(token: Viewer) -> Response:
+        """Serving, served version and live shards; with a `metrics` or admin token also per-shard depths
+        and capacity, records, restoration state and pending holds (the other fields are left out)."""
+        return JSONResponse(await reads.run(service.status, token))
 
     @app.post("/v1/restore", response_model=RestoreResponse, status_code=202, tags=["restoration"])
-    def restore(_admin: Admin) -> dict:
+    async def restore(_admin: Admin) -> dict:
         """Start restoring truncated orders in the background (admin)."""
-        return {"restoration": service.restore()}
+        return {"restoration": await writes.run(service.restore)}
 
-    @app.get("/v1/review", response_model=list[FlagOut], tags=["review"])
-    def flags(_admin: Admin, status: Literal["pending", "applied", "rejected"] | None = Query(None)) -> list[dict]:
-        """Flagged deletion requests; `?status=pending` lists the holds waiting for a decision (admin)."""
-        return [f.to_dict() for f in service.flags(status=status)]
+    @app.get("/v1/review", response_model=FlagPage, tags=["review"])
+    async def flags(_admin: Admin, status: Literal["pending", "applied", "rejected"] | None = Query(None),
+                    limit: int = Query(100, ge=1, le=1000, description="Flagged requests per page."),
+                    after: str | None = Query(None, max_length=64,
+                                              description="The `next` of the previous page.")) -> dict:
+        """Flagged deletion requests, oldest first, a page at a time, with counts (not ids); `?status=pending`
+        lists the holds waiting for a decision (admin)."""
+        page, following = await reads.run(service.flags, status=status, limit=limit, after=after)
+        return {"flags": [f.to_dict() for f in page], "next": following}
 
     @app.get("/v1/review/{flag_id}", response_model=FlagOut, tags=["review"])
-    def flag(flag_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
-        """One flagged request (its submitter or an admin)."""
-        return service.flag(token, flag_id).to_dict()
+    async def flag(flag_id: FlagId, token: Deleter) -> dict:
+        """One flagged request with its ids while pending (its submitter or an admin)."""
+        return (await reads.run(service.flag, token, flag_id)).to_dict()
 
     @app.post("/v1/review/{flag_id}/apply", response_model=ReceiptOut, tags=["review"])
-    def apply(flag_id: Annotated[str, PathParam(max_length=64)], admin: Admin,
-              body: ReviewDecision | None = None) -> dict:
+    async def apply(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Apply a held deletion request (admin); answers with its receipt."""
-        return service.apply(admin, flag_id, note=body.note if body else None).to_dict()
+        return (await writes.run(service.apply, admin, flag_id, note=body.note if body else None)).to_dict()
 
     @app.post("/v1/review/{flag_id}/reject", response_model=FlagOut, tags=["review"])
-    def reject(flag_id: Annotated[str, PathParam(max_length=64)], admin: Admin,
-               body: ReviewDecision | None = None) -> dict:
+    async def reject(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Reject a held deletion request (admin): nothing is deleted, the decision is kept."""
-        return service.reject(admin, flag_id, note=body.note if body else None).to_dict()
+        return (await writes.run(service.reject, admin, flag_id, note=body.note if body else None)).to_dict()
 
     @app.get("/healthz", response_model=HealthResponse, tags=["status"])
-    def healthz() -> dict:
-        """Liveness: the registry answers. No token needed."""
-        version, _ = service.system.served()
-        return {"status": "ok", "served_version": version, "model_loaded": service.model_ready.is_set()}
+    async def healthz() -> dict:
+        """Liveness: the registry answers. No token needed; never waits for predictions or deletions."""
+        return await reads.run(service.health)
 
     @app.get("/metrics", tags=["status"], response_class=Response)
-    def metrics() -> Response:
-        """Prometheus metrics. No token needed."""
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+    async def metrics(_token: Watcher) -> Response:
+        """Prometheus metrics (a `metrics` or admin token: they include per-shard capacity)."""
+        return Response(await reads.run(service.metrics.render), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _message(error: dict) -> str:
+    """A validation error's message; for malformed JSON, with the parser's reason (e.g. a duplicate key)."""
+    message = str(error.get("msg", ""))
+    if error.get("type") == "json_invalid" and "error" in (error.get("ctx") or {}):
+        message += f": {error['ctx']['error']}"
+    return message
+
+
+def _scrubber(service: Service) -> Callable[[str], str]:
+    """A function that replaces the server's own paths (the run folder, the base model's folder) in an
+    error message: library messages name them for the operator, but a client has no business knowing."""
+    run_dir = Path(service.system.run_dir)
+    private = {str(run_dir.resolve()): "<run>", str(run_dir.absolute()): "<run>", str(run_dir): "<run>"}
+    model = str(getattr(service.system.plan, "base_model", "") or "")
+    if model.startswith("/"):
+        private[model] = "<model>"
+    ordered = sorted((p for p in private if len(p) > 1), key=len, reverse=True)   # longest first
+
+    def scrub(message: str) -> str:
+        for path in ordered:
+            message = message.replace(path, private[path])
+        return message
+    return scrub
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"duplicate key {key!r} in a JSON object; send each key once")
+        out[key] = value
+    return out
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body may not repeat a key (json.loads keeps the last silently)."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(body, object_pairs_hook=_refuse_duplicates)
+            except DuplicateKeyError as exc:   # reported as malformed JSON: 422 with the key named
+                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes that parse JSON bodies with `StrictJSONRequest` (the body is parsed once, here)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive, request._send))
+        return strict
 
 
 class BodyLimit:
@@ -229,11 +316,23 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def uvicorn_config(app, *, host: str, port: int, trusted_proxies: tuple[str, ...] | list[str] = (),
+                   log_level: str = "info"):
+    """uvicorn's settings for the service: X-Forwarded-For and X-Forwarded-Proto are believed only from
+    `trusted_proxies` (none by default: a client could otherwise pick its own address, and with it a
+    fresh anonymous rate-limit bucket per request)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
+
+
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, settings: ServiceSettings | None = None,
-          log_level: str = "info") -> None:
+          trusted_proxies: tuple[str, ...] | list[str] = (), log_level: str = "info") -> None:
     """Run the service until interrupted (SIGINT/SIGTERM stop it cleanly)."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(run_dir, settings)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)).run()
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, trusted_proxies=trusted_proxies,
+                                  log_level=log_level)).run()

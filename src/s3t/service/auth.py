@@ -2,8 +2,9 @@
 
 A token is `s3t_` + 43 random URL-safe characters, shown once at creation; the registry keeps its
 SHA-256 (a high-entropy secret needs no slow hash) and a short public id used in listings, logs and
-receipts. Roles: `predict` (predictions, status), `delete` (deletions, one's own receipts and held
-requests), `admin` (everything, plus restoration and the review of held requests).
+receipts. Roles: `predict` (predictions, the coarse status), `delete` (deletions, one's own receipts and
+held requests), `metrics` (read-only: /metrics and the detailed status, per-shard capacity included),
+`admin` (everything, plus restoration and the review of held requests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..registry import Registry
 
 __all__ = ["ROLES", "Token", "create_token", "list_tokens", "revoke_token", "authenticate", "require"]
 
-ROLES = ("predict", "delete", "admin")
+ROLES = ("predict", "delete", "metrics", "admin")
 PREFIX = "s3t_"
 
 
@@ -100,8 +101,9 @@ def authenticate(registry: Registry, authorization: str | None) -> Token:
     return token
 
 
-def require(token: Token, role: str) -> None:
-    """ForbiddenError unless the token has `role` (admin has every role)."""
-    if not token.allows(role):
+def require(token: Token, *roles: str) -> None:
+    """ForbiddenError unless the token has one of `roles` (admin has every role)."""
+    if not any(token.allows(role) for role in roles):
+        needed = " or ".join(f"`{r}`" for r in roles)
         raise ForbiddenError(f"token {token.id} ({token.name!r}) has roles {list(token.roles)}; this endpoint needs "
-                             f"`{role}`: create a token with `s3t token create RUN_DIR --role {role}`")
+                             f"{needed}: create a token with `s3t token create RUN_DIR --role {roles[0]}`")

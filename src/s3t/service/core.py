@@ -3,7 +3,9 @@
 Concurrency and visibility (the semantics the HTTP API promises):
 
 - One `S3T` serves the process. Its backbone switches adapters per call, so predictions take
-  `model_lock` one at a time. Deletions never touch the model and never wait for predictions.
+  `model_lock` one at a time. Deletions never touch the model and never wait for predictions: the HTTP
+  routes run predictions, writes and reads in separate lanes (`lanes`), so predictions queued for the
+  model hold no thread that a deletion, an auth check or /healthz needs.
 - Deletions in this process take `write_lock` (guard check, then apply, then quota), and every registry
   write transaction begins with SQLite's BEGIN IMMEDIATE and waits on a busy lock, so concurrent
   requests and the restoration child serialise instead of failing with "database is locked".
@@ -23,16 +25,18 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ..errors import ConflictError, NotFoundError
-from ..system import S3T, Prediction
+from ..errors import ConflictError, NotFoundError, RateLimitError
+from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
 from .auth import Token, authenticate, require
 from .guard import CapacityGuard, RateLimiter, check_quota
+from .lanes import Lane
 from .metrics import Metrics
-from .review import Flag
+from .review import Flag, FlagSummary
 from .settings import ServiceSettings
 from .worker import RestorationWorker
 
@@ -60,25 +64,58 @@ class Service:
         self.system = S3T.open(run_dir)
         self.model_lock = threading.Lock()
         self.write_lock = threading.Lock()
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(max_keys=self.settings.rate_limit_keys)
         self.guard = CapacityGuard(self.settings.guard)
         self.worker = (RestorationWorker(self.system, restore_below=self.settings.restore_below,
                                          poll_s=self.settings.restore_poll_s, on_finish=self._restored)
                        if self.settings.worker else None)
         self.metrics = Metrics(self._state)
         self.model_ready = threading.Event()
+        # The model's one thread with a bounded queue; writes and reads never wait behind predictions.
+        self.model_lane = Lane("prediction", threads=1, limit=self.settings.prediction_queue)
+        self.write_lane = Lane("write", threads=1)   # deletions serialise on `write_lock` anyway
+        self.read_lane = Lane("read", threads=4)
+        self._stopping = threading.Event()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="s3t-housekeeping", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
+        self.system.sweep()   # shred what a crash left: retired stages, and orphans unless a trainer runs
+        self._housekeeping.start()
         if self.settings.preload:
-            threading.Thread(target=self._load_model, name="s3t-preload", daemon=True).start()
+            self.model_lane.submit(self._load_model)
         if self.worker is not None:
             self.worker.start()
 
     def close(self) -> None:
+        self._stopping.set()
         if self.worker is not None:
             self.worker.stop()
+        for lane in (self.model_lane, self.write_lane, self.read_lane):
+            lane.close()
+        if self._housekeeping.is_alive():
+            self._housekeeping.join(10)
         self.system.close()
+
+    def _housekeep(self) -> None:
+        """Purge expired idempotency keys at start, then hourly (or every TTL if shorter)."""
+        every = max(1.0, min(self.settings.idempotency_ttl_s, 3600.0))
+        while True:
+            try:
+                self.expire_keys()
+            except Exception:   # keep serving; the next round retries
+                log.exception("purging expired idempotency keys failed")
+            if self._stopping.wait(every):
+                return
+
+    def expire_keys(self) -> int:
+        """Forget idempotency keys older than `idempotency_ttl_s` (an index range delete, never a scan)."""
+        with self.system.registry.transaction() as conn:
+            return self.system.registry.expire_idempotent(conn, before=self._key_cutoff())
+
+    def _key_cutoff(self) -> str:
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.settings.idempotency_ttl_s)
+        return cutoff.isoformat(timespec="microseconds")   # the registry's time format: compares as text
 
     def _load_model(self) -> None:
         try:
@@ -89,13 +126,14 @@ class Service:
             log.exception("loading the model failed; predictions will retry and report the error")
 
     # -- auth ---------------------------------------------------------------------------------------
-    def authorize(self, authorization: str | None, role: str, *, client: str) -> Token | None:
-        """The caller's token, checked for `role` and its rate limit; None for an anonymous public predict."""
-        if authorization is None and role == "predict" and self.settings.public_predict:
+    def authorize(self, authorization: str | None, *roles: str, client: str) -> Token | None:
+        """The caller's token, checked for one of `roles` and its rate limit; None for an anonymous caller
+        of a `predict` endpoint on a server with public predictions."""
+        if authorization is None and "predict" in roles and self.settings.public_predict:
             self.limiter.take(f"anonymous client {client}", rate=self.settings.rate, burst=self.settings.burst)
             return None
         token = authenticate(self.system.registry, authorization)
-        require(token, role)
+        require(token, *roles)
         self.limiter.take(f"token {token.id}", rate=token.rate or self.settings.rate, burst=self.settings.burst)
         return token
 
@@ -109,6 +147,16 @@ class Service:
         self.metrics.predicted_texts.inc(len(texts))
         self.metrics.prediction_latency.observe(time.perf_counter() - started)
         return prediction
+
+    def generate(self, prompts: Sequence[str], **settings) -> Generation:
+        started = time.perf_counter()
+        with self.model_lock:
+            generation = self.system.complete(prompts, **settings)
+        self.model_ready.set()
+        self.metrics.prediction_requests.inc()
+        self.metrics.predicted_texts.inc(len(prompts))
+        self.metrics.prediction_latency.observe(time.perf_counter() - started)
+        return generation
 
     # -- deletions ----------------------------------------------------------------------------------
     def delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
@@ -124,13 +172,16 @@ class Service:
                 reference: str | None) -> DeletionOutcome:
         started = time.perf_counter()
         with self.write_lock:
-            # A key seen before: the first request's result, whatever the limits say now.
+            # A key seen before (and not expired): the first request's result, whatever the limits say now.
             if key is not None and (replay := self._replay(key, ids=ids, subjects=subjects, reference=reference)):
                 self.metrics.deletion_requests.labels("replayed").inc()
                 return replay
             check_quota(self.system.registry, token, len(ids) + len(subjects), default=self.settings.daily_quota)
+            reviewed = token.allows("admin")   # an admin's own request is its own review: never held
             verdict = self.guard.judge(token.id, self.system, ids=ids, subjects=subjects)
-            if verdict.flagged and self.settings.guard.action == "hold":
+            flagged = verdict.flagged and not reviewed
+            if flagged and self.settings.guard.action == "hold":
+                self._check_held_cap(token)
                 flag = review.hold(self.system, token_id=token.id, ids=ids, subjects=subjects, reference=reference,
                                    reason=verdict.reason, idempotency_key=key)
                 self.metrics.guard_flags.labels("hold").inc()
@@ -139,8 +190,8 @@ class Service:
                 return DeletionOutcome("held", flag=flag)
             receipt = self.system.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=key,
                                          requested_by=token.id)
-            self.guard.record(token.id, verdict)
-            if verdict.flagged:
+            self.guard.record(token.id, verdict, reviewed=reviewed)
+            if flagged:
                 flag = review.record_alert(self.system, token_id=token.id, receipt=receipt, reason=verdict.reason)
                 self.metrics.guard_flags.labels("alert").inc()
                 log.warning("deletion request %s flagged (flag %s): %s", receipt.request_id, flag.id, verdict.reason)
@@ -151,8 +202,20 @@ class Service:
             self.worker.poke()
         return DeletionOutcome("applied", receipt=receipt)
 
+    def _check_held_cap(self, token: Token) -> None:
+        held = review.pending(self.system, token_id=token.id)
+        if held >= self.settings.max_held:
+            raise RateLimitError(
+                f"token {token.id} already has {held} deletion requests held for review, the most the server keeps "
+                f"per token ({self.settings.max_held}); send more once an admin has applied or rejected some "
+                "(GET /v1/review/{id} shows each one's status)", retry_after=60.0)
+
     def _replay(self, key: str, **request) -> DeletionOutcome | None:
+        cutoff = self._key_cutoff()
         held = review.flag_for_key(self.system, key)
+        if held is not None and held[0].status != "pending" and (held[0].decided_at or "") < cutoff:
+            self._expire_key(key, cutoff)   # decided longer ago than the TTL: the key is free again
+            held = None
         if held is not None:
             flag, fingerprint = held
             if fingerprint != review.fingerprint(self.system, **request):
@@ -164,31 +227,53 @@ class Service:
             if flag.status == "pending":
                 return DeletionOutcome("held", flag=flag)
             return DeletionOutcome("replayed", receipt=self.system.receipt(flag.request_id))
-        if self.system.idempotent_receipt(key) is None:
+        stored = self.system.idempotent_receipt(key)
+        if stored is None:
+            return None
+        if stored.created_at < cutoff:   # expired: a repeat is a new request (its receipt: "already deleted")
+            self._expire_key(key, cutoff)
             return None
         # The library checks the request matches the key's and returns the stored receipt.
         return DeletionOutcome("replayed", receipt=self.system.delete(idempotency_key=key, **request))
 
+    def _expire_key(self, key: str, cutoff: str) -> None:
+        with self.system.registry.transaction() as conn:
+            self.system.registry.expire_idempotent(conn, before=cutoff, key=key)
+
     def receipt(self, token: Token, request_id: str) -> Receipt:
-        """A stored receipt; a non-admin token sees only its own requests' receipts."""
-        receipt = self.system.receipt(request_id)
+        """A stored receipt; a non-admin token sees only its own requests' receipts (another's is "not found",
+        exactly as an unknown one)."""
+        unknown = NotFoundError(f"no deletion request {request_id!r} visible to this token")
+        try:
+            receipt = self.system.receipt(request_id)
+        except NotFoundError:
+            raise unknown from None
         if not token.allows("admin") and receipt.requested_by != token.id:
-            raise NotFoundError(f"no deletion request {request_id!r} made with token {token.id}")
+            raise unknown
         return receipt
 
     # -- review of flagged requests -----------------------------------------------------------------
-    def flags(self, *, status: str | None = None) -> list[Flag]:
-        return review.flags(self.system, status=status)
+    def flags(self, *, status: str | None = None, limit: int = 100,
+              after: str | None = None) -> tuple[list[FlagSummary], str | None]:
+        """A page of flagged requests (counts, not ids) and the cursor of the next page."""
+        return review.flags(self.system, status=status, limit=limit, after=after)
 
     def flag(self, token: Token, flag_id: str) -> Flag:
-        flag = review.get_flag(self.system, flag_id)
+        """One flagged request with its ids; a non-admin token sees only its own (another's is "not found")."""
+        unknown = NotFoundError(f"no flagged request {flag_id!r} visible to this token")
+        try:
+            flag = review.get_flag(self.system, flag_id)
+        except NotFoundError:
+            raise unknown from None
         if not token.allows("admin") and flag.token_id != token.id:
-            raise NotFoundError(f"no flagged request {flag_id!r} made with token {token.id}")
+            raise unknown
         return flag
 
     def apply(self, admin: Token, flag_id: str, *, note: str | None = None) -> Receipt:
         with self.write_lock:
+            before = self.guard.ensemble_capacity(self.system.registry)
             receipt = review.apply(self.system, flag_id, decided_by=admin.id, note=note)
+            self.guard.record_reviewed(before - self.guard.ensemble_capacity(self.system.registry))
         self.metrics.deleted_records.inc(len(receipt.deleted))
         if self.worker is not None:
             self.worker.poke()
@@ -199,18 +284,28 @@ class Service:
             return review.reject(self.system, flag_id, decided_by=admin.id, note=note)
 
     # -- status and restoration ---------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self, token: Token | None = None) -> dict:
+        """The run's state. Coarse (serving, version, live shards) unless the token has the `metrics` role:
+        per-shard capacity tells an attacker where deletions hurt most."""
         st = self.system.status()
-        return {
-            "trained": st.trained, "serving": st.serving, "served_version": st.served_version,
+        coarse = {"trained": st.trained, "serving": st.serving, "served_version": st.served_version,
+                  "live_shards": sum(s.served_depth > 0 for s in st.shards), "shards_total": len(st.shards),
+                  "model_loaded": self.model_ready.is_set()}
+        if token is None or not token.allows("metrics"):
+            return coarse
+        return coarse | {
             "live_records": st.live_records, "deleted_records": st.deleted_records,
             "truncated_orders": st.truncated_orders,
             "capacity_left": min((s.deletions_to_drop for s in st.shards if s.served_depth > 0), default=0),
             "shards": [asdict(s) for s in st.shards],
             "restoration": self.worker.describe() if self.worker else {"state": "disabled"},
-            "held_requests": len(review.flags(self.system, status="pending")),
-            "model_loaded": self.model_ready.is_set(),
+            "held_requests": review.pending(self.system),
         }
+
+    def health(self) -> dict:
+        """Liveness: the registry answers."""
+        version, _ = self.system.served()
+        return {"status": "ok", "served_version": version, "model_loaded": self.model_ready.is_set()}
 
     def restore(self) -> dict:
         if self.worker is None:
@@ -224,5 +319,5 @@ class Service:
         self.metrics.restored_orders.inc(orders)
 
     def _state(self) -> dict:
-        return {"status": self.system.status(), "pending_holds": len(review.flags(self.system, status="pending")),
+        return {"status": self.system.status(), "pending_holds": review.pending(self.system),
                 "restoring": self.worker is not None and self.worker.state == "running"}

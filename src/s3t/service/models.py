@@ -1,7 +1,7 @@
 """Request and response schemas of the HTTP API (they are its OpenAPI document).
 
-Hard limits per request: 256 texts of at most 10,000 characters; 1,000 ids + subjects of at most 512
-characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
+Hard limits per request: 256 texts of at most 10,000 characters; 16 prompts and 256 new tokens; 1,000 ids
++ subjects of at most 512 characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints, model_validator
 
-__all__ = ["PredictRequest", "PredictResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
-           "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut", "HealthResponse",
+__all__ = ["PredictRequest", "PredictResponse", "GenerateRequest", "GenerateResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
+           "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
+           "HealthResponse",
            "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
 
 MAX_TEXTS = 256
+MAX_PROMPTS = 16          # generation runs the model once per new token: fewer prompts per request
+MAX_NEW_TOKENS = 256
 MAX_TEXT_CHARS = 10_000
 MAX_ITEMS = 1_000
 MAX_ID_CHARS = 512        # the registry's column width
@@ -41,6 +44,20 @@ class _Strict(BaseModel):
 
 class PredictRequest(_Strict):
     texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS, description="Texts to classify.")
+
+
+class GenerateRequest(_Strict):
+    prompts: list[Text] = Field(min_length=1, max_length=MAX_PROMPTS, description="Prompts to complete.")
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate at most.")
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0: greedy decoding; above 0: sampling.")
+    aggregation: Literal["mean_proba", "mean_logprob"] = Field(
+        default="mean_proba", description="Average the shards' next-token probabilities or log-probabilities.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Seed for sampling.")
+
+
+class GenerateResponse(BaseModel):
+    served_version: int = Field(description="Version of the served set that produced these completions.")
+    completions: list[str]
 
 
 class PredictionOut(BaseModel):
@@ -110,6 +127,28 @@ class FlagOut(BaseModel):
     note: str | None
 
 
+class FlagSummaryOut(BaseModel):
+    """A flagged request in a listing: how many ids and subjects it named, never the ids themselves."""
+
+    id: str
+    created_at: str
+    token_id: str | None
+    action: Literal["alert", "hold"]
+    status: Literal["pending", "applied", "rejected"]
+    reason: str
+    id_count: int | None = Field(description="Ids the request named (null: flagged before counts were kept).")
+    subject_count: int | None
+    request_id: str | None
+    decided_at: str | None
+    decided_by: str | None
+    note: str | None
+
+
+class FlagPage(BaseModel):
+    flags: list[FlagSummaryOut]
+    next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
+
+
 class HeldResponse(BaseModel):
     status: Literal["held"] = "held"
     flag: FlagOut
@@ -129,17 +168,22 @@ class ShardOut(BaseModel):
 
 
 class StatusResponse(BaseModel):
+    """Everyone with access sees the first six fields; the rest only a `metrics` or admin token."""
+
     trained: bool
     serving: bool
     served_version: int
-    live_records: int
-    deleted_records: int
-    truncated_orders: int
-    capacity_left: int = Field(description="Fewest deletions that take some live shard out of the ensemble.")
-    shards: list[ShardOut]
-    restoration: dict[str, Any]
-    held_requests: int
+    live_shards: int = Field(description="Shards in the ensemble (served depth > 0).")
+    shards_total: int
     model_loaded: bool
+    live_records: int | None = None
+    deleted_records: int | None = None
+    truncated_orders: int | None = None
+    capacity_left: int | None = Field(None, description="Fewest deletions that take some live shard out of the "
+                                                        "ensemble.")
+    shards: list[ShardOut] | None = None
+    restoration: dict[str, Any] | None = None
+    held_requests: int | None = None
 
 
 class RestoreResponse(BaseModel):

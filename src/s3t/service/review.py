@@ -1,9 +1,16 @@
 """Flagged deletion requests: the capacity guard's alerts, and holds that wait for an admin.
 
 A held request is stored with its content (ids, subjects, reference) until an admin applies or rejects
-it; then the content is erased and only the decision remains. Nothing is dropped: a held request stays
-pending across restarts until someone decides. Applying runs the deletion under the idempotency key
+it; then the content is erased and only the decision remains. The content is sealed under a key of its
+own (the registry seals and unseals it), and that key is destroyed once the decision has committed, so
+copies of it left in the database's journal or in freed blocks are unreadable. Nothing is dropped: a
+held request stays pending across restarts until someone decides. Applying runs the deletion under the idempotency key
 `flag:<id>`, so an apply interrupted by a crash and retried deletes once.
+
+A held request's items (ids + subjects) count towards its token's daily quota when it is held, in the
+same transaction, and keep counting if it is rejected; applying it does not count them again (the
+decision's transaction takes back what the deletion added). Listings (`flags`) read no content: they
+show how many ids and subjects each request named, a page at a time.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConflictError, NotFoundError
+from ..registry import utcnow
 from ..unlearning import Receipt, request_fingerprint
 
 if TYPE_CHECKING:
     from ..system import S3T
 
-__all__ = ["Flag", "hold", "record_alert", "flags", "get_flag", "flag_for_key", "apply", "reject", "fingerprint"]
+__all__ = ["Flag", "FlagSummary", "hold", "record_alert", "flags", "pending", "get_flag", "flag_for_key", "apply",
+           "reject", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -52,21 +61,45 @@ class Flag:
                    decided_by=row["decided_by"], note=row["note"])
 
 
+@dataclass(frozen=True)
+class FlagSummary:
+    """One flagged request in a listing: counts, never the ids."""
+
+    id: str
+    created_at: str
+    token_id: str | None
+    action: str
+    status: str
+    reason: str
+    id_count: int | None         # ids and subjects the request named (None: flagged before counts were kept)
+    subject_count: int | None
+    request_id: str | None
+    decided_at: str | None
+    decided_by: str | None
+    note: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def fingerprint(system: "S3T", *, ids: Sequence[str], subjects: Sequence[str], reference: str | None) -> str:
-    key = bytes.fromhex(system.registry.get_meta("ledger_key"))
-    return request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
+    return request_fingerprint(system._ledger_key(), ids=ids, subjects=subjects, reference=reference)
 
 
 def hold(system: "S3T", *, token_id: str | None, ids: Sequence[str], subjects: Sequence[str], reference: str | None,
          reason: str, idempotency_key: str | None = None) -> Flag:
     """Record a request for an admin's review instead of applying it."""
     flag_id = secrets.token_hex(8)
+    id_count, subject_count = len(set(ids)), len(set(subjects))   # as the deletion will count them
     with system.registry.transaction() as conn:
         system.registry.add_flagged(
             conn, id=flag_id, token_id=token_id, action="hold", status="pending", reason=reason,
             request=json.dumps({"ids": list(ids), "subjects": list(subjects), "reference": reference}),
             idempotency_key=idempotency_key,
-            fingerprint=fingerprint(system, ids=ids, subjects=subjects, reference=reference))
+            fingerprint=fingerprint(system, ids=ids, subjects=subjects, reference=reference),
+            id_count=id_count, subject_count=subject_count)
+        if token_id is not None:   # a held request counts towards the quota now, like an applied one
+            system.registry.add_usage(conn, token_id, utcnow()[:10], id_count + subject_count)
     return get_flag(system, flag_id)
 
 
@@ -79,9 +112,23 @@ def record_alert(system: "S3T", *, token_id: str | None, receipt: Receipt, reaso
     return get_flag(system, flag_id)
 
 
-def flags(system: "S3T", *, status: str | None = None) -> list[Flag]:
-    """Flagged requests, oldest first; `status` = pending lists the holds waiting for a decision."""
-    return [Flag.from_row(r) for r in system.registry.flagged(status=status)]
+def flags(system: "S3T", *, status: str | None = None, limit: int = 100,
+          after: str | None = None) -> tuple[list[FlagSummary], str | None]:
+    """One page of flagged requests, oldest first, and the id to pass as `after` for the next page (None
+    on the last); `status` = pending lists the holds waiting for a decision."""
+    cursor = None
+    if after is not None:
+        cursor = system.registry.flag_position(after)
+        if cursor is None:
+            raise NotFoundError(f"no flagged request {after!r} to list after; start from the first page")
+    rows = system.registry.flagged_page(status=status, after=cursor, limit=limit + 1)
+    page = [FlagSummary(**{f: r[f] for f in FlagSummary.__dataclass_fields__}) for r in rows[:limit]]
+    return page, (page[-1].id if len(rows) > limit else None)
+
+
+def pending(system: "S3T", *, token_id: str | None = None) -> int:
+    """How many held requests wait for a decision (of one token, if given)."""
+    return system.registry.count_flagged(status="pending", token_id=token_id)
 
 
 def get_flag(system: "S3T", flag_id: str) -> Flag:
@@ -104,17 +151,23 @@ def apply(system: "S3T", flag_id: str, *, decided_by: str | None, note: str | No
     receipt = system.delete(ids=content["ids"], subjects=content["subjects"], reference=content["reference"],
                             idempotency_key=f"flag:{flag_id}", requested_by=row["token_id"])
     with system.registry.transaction() as conn:
-        system.registry.decide_flagged(conn, flag_id, status="applied", request=None, request_id=receipt.request_id,
-                                       decided_by=decided_by, note=note)
+        decided = system.registry.decide_flagged(conn, flag_id, status="applied", request=None,
+                                                 request_id=receipt.request_id, decided_by=decided_by, note=note)
+        if decided and row["token_id"] is not None:   # counted when held: take back what the deletion added
+            items = (row["id_count"] + row["subject_count"] if row["id_count"] is not None
+                     else len(set(content["ids"])) + len(set(content["subjects"])))
+            system.registry.add_usage(conn, row["token_id"], receipt.created_at[:10], -items)
+    system.registry.keys.destroy([row["key_slot"]])   # after the commit (a crash before: `S3T.open` does it)
     return receipt
 
 
 def reject(system: "S3T", flag_id: str, *, decided_by: str | None, note: str | None = None) -> Flag:
     """Reject a pending hold: nothing is deleted, its stored content is erased, the decision is kept."""
-    _pending(system, flag_id)
+    row = _pending(system, flag_id)
     with system.registry.transaction() as conn:
         system.registry.decide_flagged(conn, flag_id, status="rejected", request=None, decided_by=decided_by,
                                        note=note)
+    system.registry.keys.destroy([row["key_slot"]])   # after the commit (a crash before: `S3T.open` does it)
     return get_flag(system, flag_id)
 
 

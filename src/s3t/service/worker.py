@@ -9,13 +9,13 @@ trained; such a result is discarded and that order is retrained on the next run.
 Policy: a run starts when an admin asks (POST /v1/restore; remembered in the registry until a run
 completes, so a restart resumes it) or when some shard's served depth is below `restore_below`. After a
 run the policy waits for the served set to change before triggering again, so a shard that cannot be
-restored (all its records deleted) does not spin. One child at a time per run folder (a file lock), and
-the child dies with the server (Linux parent-death signal).
+restored (all its records deleted) does not spin. One trainer at a time per run folder (the library's
+training lock: a child that finds it held exits BUSY), and the child dies with the server (Linux
+parent-death signal).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -34,8 +34,7 @@ __all__ = ["RestorationWorker", "REQUEST_KEY", "main"]
 log = logging.getLogger("s3t.service.worker")
 
 REQUEST_KEY = "service.restore_requested"   # registry meta: when an admin asked for a restoration
-LOCK_FILE = "restore.lock"
-BUSY = 75   # exit code of a child that found another restoration running (EX_TEMPFAIL)
+BUSY = 75   # exit code of a child that found another process training the run (EX_TEMPFAIL)
 
 
 class RestorationWorker:
@@ -167,18 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent:
         _die_with_parent(args.parent)
     os.nice(10)   # training yields the CPU to predictions and deletions
-    with open(args.run_dir / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return BUSY
-        from ..system import S3T   # heavy imports only once the lock is ours
+    from ..errors import RunBusyError
+    from ..system import S3T
 
-        system = S3T.open(args.run_dir)
-        try:
-            completed = system.restore(progress=False)
-        finally:
-            system.close()
+    system = S3T.open(args.run_dir)
+    try:
+        completed = system.restore(progress=False)   # takes the run's training lock (torch loads only then)
+    except RunBusyError:
+        return BUSY
+    finally:
+        system.close()
     print(json.dumps({"completed": completed}), flush=True)
     return 0
 
