@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "total_seconds": round(time.perf_counter() - started, 1), "s3t_version": s3t.__version__,
                "seed": args.seed, "resamples": resamples, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1) + "\n")   # keeps the phases in order
     write_outputs(payload, out_dir, report, raw=out_dir / "results.json")
     for res in results:
         for line in reading(res):

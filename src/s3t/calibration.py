@@ -21,7 +21,7 @@ from s3t.cost import Throughput
 from s3t.errors import DataError, PlanError
 from s3t.partition import partition
 from s3t.plan import Plan
-from s3t.records import Dataset
+from s3t.records import Dataset, from_payload
 
 __all__ = ["calibrate", "calibrate_run", "run_info"]
 
@@ -109,17 +109,17 @@ def calibrate_run(run_dir: str | Path, *, plan: Plan | None = None, batches: int
     try:
         plan = system.plan if plan is None else plan
         need = 4 * (batches + 1) * plan.batch_size
-        rows: list[dict] = []
+        rows: list = []
         for shard in range(system.plan.num_shards):   # the first shards are enough: each holds every slice
             _members, content = system.registry.live_shard(shard)
-            rows += [dict(id=i, text=t, label=label) for i, (t, label) in content.items()]
+            rows += [from_payload(system.kind, i, stored) for i, stored in content.items()]
             if len(rows) >= need:
                 break
     finally:
         system.close()
     if not rows:
         raise DataError(f"the run at {run_dir} has no live records to time training on")
-    return calibrate(plan, Dataset.from_records(rows), batches=batches)
+    return calibrate(plan, Dataset(rows), batches=batches)
 
 
 def _sample(data: Dataset, plan: Plan, size: int) -> Dataset:
