@@ -1,7 +1,8 @@
 """Request and response schemas of the HTTP API (they are its OpenAPI document).
 
 Hard limits per request: 256 texts of at most 10,000 characters; 1,000 ids + subjects of at most 512
-characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
+characters each; 1,000 records to add, of at most 100,000 characters of text each. Bodies over the
+server's `max_body_bytes` are refused with 413 before parsing.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, St
 
 __all__ = ["PredictRequest", "PredictResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
-           "HealthResponse",
-           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
+           "HealthResponse", "RecordIn", "AddRecordsRequest", "AdditionOut", "AuditOut",
+           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS", "MAX_RECORDS", "MAX_RECORD_CHARS"]
 
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 10_000
 MAX_ITEMS = 1_000
 MAX_ID_CHARS = 512        # the registry's column width
 MAX_REFERENCE_CHARS = 200
+MAX_RECORDS = 1_000        # records per POST /v1/records
+MAX_RECORD_CHARS = 100_000
 
 
 def _encodable(value: str) -> str:
@@ -68,6 +71,55 @@ class DeletionRequest(_Strict):
         if len(self.ids) + len(self.subjects) > MAX_ITEMS:
             raise ValueError(f"at most {MAX_ITEMS} ids + subjects per request; split the request")
         return self
+
+
+class RecordIn(_Strict):
+    id: Item
+    text: Annotated[StrictStr, StringConstraints(max_length=MAX_RECORD_CHARS), AfterValidator(_encodable)]
+    label: Item
+    subject: Item | None = Field(default=None, description="The data owner: all of a subject's records share a cell.")
+    risk: float | None = Field(default=None, ge=0.0, le=1.0, description="Deletion prior (prior-aware placement).")
+
+
+class AddRecordsRequest(_Strict):
+    records: list[RecordIn] = Field(min_length=1, max_length=MAX_RECORDS, description="Records to add.")
+    replace_deleted: bool = Field(default=False, description="Store records under the ids of deleted records as "
+                                                             "new records (refused with 409 otherwise).")
+
+
+class CellCount(BaseModel):
+    shard: int
+    slice: int
+    records: int
+
+
+class AdditionOut(BaseModel):
+    """What an addition did, as its ledger entry records it; the model is trained on the records later."""
+
+    request_id: str
+    created_at: str
+    records: int
+    ids_sha256: str = Field(description="SHA-256 of the sorted added ids, one per line.")
+    replaced: list[tuple[str, int]] = Field(description="(id, generation) of ids of deleted records re-added.")
+    cells: list[CellCount]
+    requested_by: str | None = None
+    stale_orders: int = Field(description="Orders that miss added records: the background worker retrains them.")
+    unseen_records: int = Field(description="Live records the served model has not seen.")
+
+
+class CheckOut(BaseModel):
+    name: str
+    status: Literal["passed", "failed", "skipped"]
+    summary: str
+    looked_at: dict[str, Any]
+    failures: list[str]
+
+
+class AuditOut(BaseModel):
+    passed: bool
+    checked_at: str
+    checks: list[CheckOut]
+    failures: list[str] = Field(description="One line per failure, prefixed with its check's name.")
 
 
 class ShardChange(BaseModel):
@@ -149,6 +201,7 @@ class ShardOut(BaseModel):
     served_order: int | None
     served_depth: int
     deletions_to_drop: int
+    unseen_records: int = 0
 
 
 class StatusResponse(BaseModel):
@@ -163,6 +216,8 @@ class StatusResponse(BaseModel):
     live_records: int | None = None
     deleted_records: int | None = None
     truncated_orders: int | None = None
+    stale_orders: int | None = Field(None, description="Orders with a trained stage that misses added records.")
+    unseen_records: int | None = Field(None, description="Live records the served model has not seen.")
     capacity_left: int | None = Field(None, description="Fewest deletions that take some live shard out of the "
                                                         "ensemble.")
     shards: list[ShardOut] | None = None
