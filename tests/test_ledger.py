@@ -161,3 +161,27 @@ def test_an_older_runs_ledger_is_chained_and_signed_when_it_is_opened(deleted):
     assert report.passed and report.check("ledger").status == "passed", report.failures
     assert s3t.verify_receipt(reopened.export_receipt(receipts[2].request_id), reopened.public_key())["seq"] == 3
     reopened.close()
+
+
+def test_an_entry_forged_in_the_database_is_not_signed_when_the_run_is_reopened(deleted):
+    """Whoever holds only the database can insert a row without a chain position (the shape of an older
+    run's entries). Only the open that creates an older run's signing key chains such rows; any later
+    open must leave it unchained, so the audit keeps reporting it instead of signing the forgery."""
+    system, receipts = deleted
+    run_dir = system.run_dir
+    forged = {"request_id": "f" * 32, "created_at": "2026-01-01T00:00:00+00:00", "deleted": ["syn-999"]}
+    with system.registry.transaction() as conn:
+        conn.execute(ledger_table.insert().values(request_id=forged["request_id"], created_at=forged["created_at"],
+                                                  receipt=json.dumps(forged, sort_keys=True)))
+    system.close()
+
+    reopened = s3t.S3T.open(run_dir)
+    rows = reopened.registry.ledger_entries()
+    assert [r["seq"] for r in rows if r["request_id"] == forged["request_id"]] == [None]
+    assert [r["seq"] for r in rows if r["seq"] is not None] == [1, 2, 3]
+    report = reopened.audit()
+    assert report.check("ledger").failures == (f"ledger entry {forged['request_id']} has no chain position: it was "
+                                               "inserted or edited outside s3t",)
+    with pytest.raises(s3t.IntegrityError, match="not signed"):
+        reopened.export_receipt(forged["request_id"])
+    reopened.close()

@@ -202,7 +202,7 @@ class S3T:
             raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
         try:
             ledger_key = (run_dir / LEDGER_KEY_FILE).read_bytes()
-            signing_key = _signing_key(run_dir / SIGNING_KEY_FILE, create=recover)
+            signing_key, key_created = _signing_key(run_dir / SIGNING_KEY_FILE, create=recover)
             keys = KeyStore.open(run_dir / KEYS_FILE)
         except (OSError, ValueError) as exc:
             raise RunError(f"{damaged}: {exc}; restore the folder from a backup") from None
@@ -221,7 +221,8 @@ class S3T:
         system = cls(run_dir, Plan.from_json(plan), registry, ledger_key, signing_key)
         if recover:
             system._destroy_dead_keys()
-            system._chain_ledger()
+            if key_created:   # only the open that migrates an older run chains; see _chain_ledger
+                system._chain_ledger()
             system.sweep()
         return system
 
@@ -243,7 +244,12 @@ class S3T:
             logger.warning("destroyed %d keys that a crash left behind in %s", destroyed, self.run_dir)
 
     def _chain_ledger(self) -> None:
-        """Chain (and sign) the ledger entries of an older run, written before the ledger was chained."""
+        """Chain (and sign) the ledger entries of an older run, written before the ledger was chained.
+
+        Called only by the open that creates the run's signing key: once the run has a key, an entry
+        without a chain position was inserted or edited outside s3t, and signing it at the next open would
+        launder a forgery by whoever holds only the database. The audit reports such entries instead.
+        """
         from .ledger import chain_unchained
 
         if not self.registry.ledger_entries(unchained=True):
@@ -587,18 +593,19 @@ class S3T:
                       unseen_records=sum(sh.unseen_records for sh in shards))
 
 
-def _signing_key(path: Path, *, create: bool) -> "Ed25519PrivateKey | None":
-    """The run's signing key; a run from before signed ledgers gets one now (`create`), or has None."""
+def _signing_key(path: Path, *, create: bool) -> "tuple[Ed25519PrivateKey | None, bool]":
+    """(the run's signing key, whether this call created it); a run from before signed ledgers gets one
+    now (`create`), or has None."""
     from .ledger import create_signing_key, load_signing_key
 
     if not path.is_file():
         if not create:
-            return None
+            return None, False
         try:
-            return create_signing_key(path)
-        except FileExistsError:   # another process opening the run made it first
+            return create_signing_key(path), True
+        except FileExistsError:   # another process opening the run made it first (and chains the ledger)
             pass
-    return load_signing_key(path)
+    return load_signing_key(path), False
 
 
 def _resolve(plan: Plan, data: Dataset) -> Plan:
