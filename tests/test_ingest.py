@@ -22,7 +22,7 @@ from s3t.cli import app
 from s3t.ingest import assign_cells
 from s3t.registry import lineage
 from servicekit import Server, make_token
-from test_exactness import assert_same_model
+from test_exactness import assert_same_model, served_tensors
 
 TEXTS = ["shares rose at the bank", "the team won the match", "a new phone chip", "nothing in particular"]
 
@@ -245,3 +245,59 @@ def test_http_records_need_the_ingest_role_and_the_worker_trains_them_in(trained
         audit = server.client(admin).get("/v1/audit").json()
         assert audit["passed"], audit["failures"]
     assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_adding_prompt_records_to_a_causal_lm_run_is_exact_after_restore(make_run, tmp_path):
+    """The same contract for a causal-LM run: prompt/completion records go in through the same sealed
+    insert, and after `restore()` every served stage is bit-identical to a fresh training on the union
+    (and generation too); a labelled text is refused with one line."""
+    from tiny_models import bbc_texts, save_tiny, train_bpe
+
+    llama = str(save_tiny("llama", tmp_path / "llama", train_bpe(bbc_texts(200), vocab_size=512), layers=4))
+    base = s3t.datasets.synthetic(40, num_labels=3, num_subjects=10, seed=3)
+    data = s3t.Dataset.from_records([dict(id=r.id, prompt=f"topic {r.label}:", completion=" " + r.text,
+                                          subject=r.subject) for r in base])
+    first, added = data.subset(data.ids[:30]), data.subset(data.ids[30:])
+    plan = s3t.Plan(num_shards=2, num_slices=2, budget=2, blocks_per_slice=1, epochs=1, max_length=24, batch_size=8,
+                    learning_rate=5e-3, base_model=llama, seed=0, num_threads=1)
+    trained = make_run(plan, first, name="trained").train(progress=False)
+    assert trained.record_kind == "prompt" == trained.registry.get_meta("record_kind")   # stored: no model needed
+    with pytest.raises(s3t.DataError, match="the run trains on prompts and completions"):
+        trained.add(s3t.Dataset([s3t.Record(id="t-1", text="a text", label="label-0")]))
+
+    served = trained.served()
+    addition = trained.add(added)
+    assert addition.records == 10 and trained.served() == served
+    assert trained.status().unseen_records == 10 and trained.unseen() == sorted(added.ids)
+    assert all(r.completion.encode() not in (trained.run_dir / "registry.sqlite").read_bytes() for r in added)
+
+    trained.restore(progress=False)
+    assert (trained.status().stale_orders, trained.status().unseen_records) == (0, 0)
+    fresh = make_run(trained.plan, data, name="fresh").train(progress=False)
+    _, components = trained.served()
+    assert components == fresh.served()[1]
+    mine, theirs = served_tensors(trained, components), served_tensors(fresh, components)
+    assert mine and all(torch.equal(mine[a][k], theirs[a][k]) for a in mine for k in mine[a])
+    prompts = ["topic label-0:", "an unseen prompt"]
+    assert trained.generate(prompts, max_new_tokens=4) == fresh.generate(prompts, max_new_tokens=4)
+    report = trained.audit(replay=1, seed=0)
+    assert report.passed and report.check("replay").looked_at["stages"][0]["result"] == "bit-identical", \
+        report.failures
+
+
+def test_http_records_take_either_kind_but_never_a_mix():
+    """POST /v1/records' body: {id, text, label} or {id, prompt, completion}; the library then checks that
+    the kind is the run's (`test_adding_prompt_records_to_a_causal_lm_run_is_exact_after_restore`)."""
+    from pydantic import ValidationError
+
+    from s3t.records import Dataset
+    from s3t.service.models import AddRecordsRequest
+
+    body = AddRecordsRequest.model_validate({"records": [{"id": "p-1", "prompt": "topic:", "completion": " text"}]})
+    assert Dataset.from_records([r.model_dump(exclude_none=True) for r in body.records]).kind == "prompt"
+    body = AddRecordsRequest.model_validate({"records": [{"id": "t-1", "text": "a text", "label": "label-0"}]})
+    assert Dataset.from_records([r.model_dump(exclude_none=True) for r in body.records]).kind == "text"
+    for record in ({"id": "m-1", "text": "a text", "completion": " text"}, {"id": "m-2", "prompt": "topic:"},
+                   {"id": "m-3", "text": "a", "label": "b", "prompt": "c", "completion": "d"}):
+        with pytest.raises(ValidationError, match="either `text` and `label`, or `prompt` and `completion`"):
+            AddRecordsRequest.model_validate({"records": [record]})

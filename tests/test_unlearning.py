@@ -45,7 +45,7 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     marker = victim.text.encode()
     assert sum(r.text == victim.text for r in tiny_data) == 1
     shard, _ = trained.locate([victim.id])[victim.id]
-    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text   # stored, sealed
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
     trained.delete(ids=[victim.id])
     trained.close()
@@ -62,7 +62,7 @@ def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
     trained.close()
     # The subject column is gone: a subject is stored only as its keyed digest, from create on.
     con = sqlite3.connect(trained.run_dir / "registry.sqlite")
-    rows = con.execute("select subject_digest, text, label from records where id in (%s)"
+    rows = con.execute("select subject_digest, input, target from records where id in (%s)"
                        % ",".join("?" * len(owned)), sorted(owned)).fetchall()
     con.close()
     assert rows and all(r[1] is None and r[2] is None and len(r[0]) == 64 for r in rows)

@@ -18,12 +18,12 @@ from .errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenEr
                      NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError,
                      RunError, RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
-from .records import Dataset, Record
+from .records import Dataset, PromptRecord, Record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus", "datasets",
     "Addition", "AuditReport", "Check", "verify_receipt",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
@@ -32,7 +32,7 @@ __all__ = [
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
 ]
 
-_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
          "Receipt": "unlearning", "Addition": "ingest", "AuditReport": "audit", "Check": "audit",
          "verify_receipt": "ledger",
          # deletion capacity: the simulator and the planner

@@ -134,7 +134,7 @@ class _Snapshot:
             for a, rid, gen in conn.execute(select(lineage.c.artifact, lineage.c.record_id, lineage.c.generation)
                                             .where(lineage.c.artifact.in_(wanted[start:start + 900]))):
                 rows[a].append((rid, gen or 0))
-        content = (records.c.text.is_not(None) | records.c.label.is_not(None)).label("content")
+        content = (records.c.input.is_not(None) | records.c.target.is_not(None)).label("content")
         recs = {r.id: dict(shard=r.shard, slice=r.slice, deleted_in=r.deleted_in, generation=r.generation or 0,
                            key_slot=r.key_slot, content=bool(r.content))
                 for r in conn.execute(select(records.c.id, records.c.shard, records.c.slice, records.c.deleted_in,
@@ -347,6 +347,7 @@ def _replay_stage(system: "S3T", snap: _Snapshot, component: dict, stage: int) -
 
     from .environment import NumericEnvironment, pinned
     from .lineage import stage_seed
+    from .records import from_payload
 
     h = component["artifacts"][stage - 1]
     row = snap.artifacts.get(h)
@@ -371,13 +372,15 @@ def _replay_stage(system: "S3T", snap: _Snapshot, component: dict, stage: int) -
         return (f"its stored lineage names {len(missing)} records whose content is no longer stored (deleted, or "
                 f"replaced by a new record under the same id; e.g. {missing[0]!r})")
     ids = sorted(rid for rid, _gen in seen)
+    recs = {i: from_payload(trainer.kind, i, content[i]) for i in ids}   # as `Trainer.complete` reads them
     label_index = {label: k for k, label in enumerate(system.labels)}
+    targets = {i: label_index[r.label] for i, r in recs.items()} if trainer.model.task == "classify" else None
     parents = component["artifacts"][:stage - 1]
     trainer.forget([h, *parents])   # parents are read from disk again, checked against their recorded hashes
     with pinned(trainer.environment):
-        trainer.cache.fill(trainer.backbone, ids, lambda i: content[i][0])
-    result = trainer.train_stage(stage=stage, lineage=h, parents=parents, ids=ids,
-                                 targets={i: label_index[content[i][1]] for i in ids}, seed=stage_seed(seed_name))
+        trainer.cache.fill(trainer.model, ids, lambda i: recs[i].model_input)
+    result = trainer.train_stage(stage=stage, lineage=h, parents=parents, ids=ids, targets=targets,
+                                 seed=stage_seed(seed_name))
     stored = trainer.store.load(h, row["sha256"])
     if stored.keys() != result.tensors.keys():
         return "the retrained stage has other tensors than the stored artifact"
@@ -416,7 +419,9 @@ def _names(training: dict, snap: _Snapshot, order: dict, stage: int, seen: list[
 
 
 def _training_fields(system: "S3T") -> dict:
-    from .backbone import count_blocks, resolve_model_path
+    if system._trainer is not None:   # loaded (the service's): no config to read again
+        return system._trainer.training
+    from .models import count_blocks, resolve_model_path
 
     return system.plan.training_fields(count_blocks(resolve_model_path(system.plan.base_model)))
 

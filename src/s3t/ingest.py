@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from . import ledger
 from .errors import ConflictError, DataError
 from .partition import partition
+from .records import payload
 from .registry import Registry, utcnow
 from .unlearning import subject_digest
 
@@ -68,21 +69,29 @@ def assign_cells(plan: "Plan", data: "Dataset") -> dict[str, tuple[int, int]]:
 
 
 def record_rows(data: "Dataset", cells: Mapping[str, tuple[int, int]], ledger_key: bytes) -> list[dict]:
-    """The registry rows of records (sealed by `Registry.insert_records`); subjects only as keyed digests."""
-    return [dict(id=r.id, text=r.text, label=r.label, shard=cells[r.id][0], slice=cells[r.id][1],
+    """The registry rows of records of any kind, their content as (input, target) bytes (`records.payload`,
+    sealed by `Registry.insert_records`); subjects only as keyed digests."""
+    return [dict(zip(("input", "target"), payload(r)), id=r.id, shard=cells[r.id][0], slice=cells[r.id][1],
                  subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
             for r in data]
 
 
-def add(registry: Registry, ledger_key: bytes, plan: "Plan", data: "Dataset", *, replace_deleted: bool = False,
-        signing_key: "Ed25519PrivateKey | None" = None, requested_by: str | None = None) -> Addition:
+def add(registry: Registry, ledger_key: bytes, plan: "Plan", data: "Dataset", *, kind: str,
+        replace_deleted: bool = False, signing_key: "Ed25519PrivateKey | None" = None,
+        requested_by: str | None = None) -> Addition:
     """Add records to the run in one transaction, with their ledger entry; returns what it did.
 
-    ConflictError if an id is already live in the run, or belongs to a deleted record and
-    `replace_deleted` is False; DataError if a label is outside the plan's, or a subject's new records
+    `kind` is the record kind the run's model trains on (`records.KINDS`: "text", "prompt"). ConflictError
+    if an id is already live in the run, or belongs to a deleted record and `replace_deleted` is False;
+    DataError if the records are of another kind, a label is outside the plan's, or a subject's new records
     would land in another cell than its records already there (prior-aware placement with another risk).
     With `replace_deleted` the caller must hold the run's training lock (see the module docstring).
     """
+    if data.kind != kind:
+        wanted = {"text": "labelled texts {id, text, label}", "prompt": "prompts and completions {id, prompt, "
+                  "completion}"}
+        raise DataError(f"the run trains on {wanted.get(kind, kind)}, but the records to add are "
+                        f"{wanted.get(data.kind, data.kind)}")
     if unknown := sorted(set(data.labels) - set(plan.labels or ())):
         raise DataError(f"record label(s) {', '.join(map(repr, unknown))} are not in the run's label space "
                         f"{list(plan.labels or ())!r}, which is fixed when the run is created; drop those records "

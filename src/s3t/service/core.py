@@ -32,7 +32,7 @@ from ..audit import AuditReport
 from ..errors import ConflictError, NotFoundError, RateLimitError
 from ..ingest import Addition
 from ..records import Dataset
-from ..system import S3T, Prediction
+from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
 from .auth import Token, authenticate, require
@@ -151,6 +151,16 @@ class Service:
         self.metrics.predicted_texts.inc(len(texts))
         self.metrics.prediction_latency.observe(time.perf_counter() - started)
         return prediction
+
+    def generate(self, prompts: Sequence[str], **settings) -> Generation:
+        started = time.perf_counter()
+        with self.model_lock:
+            generation = self.system.complete(prompts, **settings)
+        self.model_ready.set()
+        self.metrics.prediction_requests.inc()
+        self.metrics.predicted_texts.inc(len(prompts))
+        self.metrics.prediction_latency.observe(time.perf_counter() - started)
+        return generation
 
     # -- deletions ----------------------------------------------------------------------------------
     def delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
@@ -291,6 +301,15 @@ class Service:
     def audit(self, *, replay: int | str = 0, seed: int | None = None) -> AuditReport:
         """The run's audit (`S3T.audit`). A replay trains on the served model's backbone, so it holds the model
         lock and predictions wait for it: only a server started with `audit_replay` replays."""
+        if not self.model_ready.is_set():
+            # The audit names stages from the model's config: wait for the load (two threads importing
+            # transformers at once fail) rather than race it; a load that fails leaves the lineage check
+            # to skip with its reason.
+            with self.model_lock:
+                try:
+                    self.system.trainer
+                except Exception:
+                    pass
         if replay == 0:
             return self.system.audit()
         if not self.settings.audit_replay:
