@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import s3t
 from s3t.cli import app
-from s3t.registry import artifacts, ledger, lineage, records
+from s3t.registry import artifacts, ledger, lineage, meta, records
 from s3t.store import ArtifactStore
 from servicekit import Server, make_token
 
@@ -157,6 +157,18 @@ def test_a_deleted_ledger_row_is_caught(run, which):
     # Independently of the chain, the records the missing entry deleted still name it.
     assert any(f"marked deleted by request {gone['request_id']}, which the ledger does not record" in line
                for line in failed(report, "deletions"))
+
+
+def test_the_last_ledger_row_removed_with_its_recorded_head_is_caught(run):
+    """Whoever holds only the database can remove the last entry and the head recorded with it: the chain
+    that is left is intact, but a ledger with entries and no recorded head was not written by s3t."""
+    rows = run.registry.ledger_entries()
+    with run.registry.transaction() as conn:
+        conn.execute(delete(ledger).where(ledger.c.request_id == rows[-1]["request_id"]))
+        conn.execute(delete(meta).where(meta.c.key == "ledger.head"))
+    assert failed(run.audit(), "ledger") == [
+        f"the ledger has {len(rows) - 1} chained entries but no recorded head (the seq and hash each append "
+        "records): it was removed, so entries may have been removed from the ledger's end"]
 
 
 def test_an_orphan_file_is_caught_and_a_retired_stage_left_on_disk_too(run, tiny_data, monkeypatch):

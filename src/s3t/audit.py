@@ -267,6 +267,10 @@ def _deletions(snap: _Snapshot) -> Check:
 def _ledger(snap: _Snapshot, key, *, pinned: bool) -> Check:
     failures = ledger.verify_chain(snap.entries, key, head=snap.head)
     last = max((e for e in snap.entries if e["seq"] is not None), key=lambda e: e["seq"], default=None)
+    if last is not None and snap.head is None:   # every append (and the chaining of an older run) records it
+        chained = sum(e["seq"] is not None for e in snap.entries)
+        failures.append(f"the ledger has {chained} chained entries but no recorded head (the seq and hash each "
+                        "append records): it was removed, so entries may have been removed from the ledger's end")
     looked = {"entries": len(snap.entries), "head": f"{last['seq']}:{last['entry_hash']}" if last else None,
               "key_id": ledger.key_id(key) if key is not None else None}
     signed = (f"signatures verified with {'the pinned key' if pinned else 'the run' + chr(39) + 's key'} {looked['key_id']}"
