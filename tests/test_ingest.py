@@ -261,7 +261,7 @@ def test_adding_prompt_records_to_a_causal_lm_run_is_exact_after_restore(make_ru
     plan = s3t.Plan(num_shards=2, num_slices=2, budget=2, blocks_per_slice=1, epochs=1, max_length=24, batch_size=8,
                     learning_rate=5e-3, base_model=llama, seed=0, num_threads=1)
     trained = make_run(plan, first, name="trained").train(progress=False)
-    assert trained.record_kind == "prompt" == trained.registry.get_meta("record_kind")   # stored: no model needed
+    assert trained.kind == "prompt" == trained.registry.get_meta("record_kind")   # stored: no model needed
     with pytest.raises(s3t.DataError, match="the run trains on prompts and completions"):
         trained.add(s3t.Dataset([s3t.Record(id="t-1", text="a text", label="label-0")]))
 
@@ -301,3 +301,28 @@ def test_http_records_take_either_kind_but_never_a_mix():
                    {"id": "m-3", "text": "a", "label": "b", "prompt": "c", "completion": "d"}):
         with pytest.raises(ValidationError, match="either `text` and `label`, or `prompt` and `completion`"):
             AddRecordsRequest.model_validate({"records": [record]})
+
+
+def test_adding_images_to_an_image_run_is_exact_after_restore(make_run, tiny_image_plan, tiny_image_data):
+    """Image records go in through the same sealed insert (their PNG bytes never in clear in the database);
+    after `restore()` every served tensor equals a fresh training on the union; a text is refused."""
+    first, added = tiny_image_data.subset(tiny_image_data.ids[:72]), tiny_image_data.subset(tiny_image_data.ids[72:])
+    trained = make_run(tiny_image_plan, first, name="trained").train(progress=False)
+    assert trained.kind == "image"
+    with pytest.raises(s3t.DataError, match="the run trains on labelled images"):
+        trained.add(s3t.Dataset([s3t.Record(id="t-1", text="a text", label=trained.labels[0])]))
+    served = trained.served()
+    assert trained.add(added).records == 24 and trained.served() == served
+    assert trained.status().unseen_records == 24
+    database = (trained.run_dir / "registry.sqlite").read_bytes()
+    assert all(r.image[-64:] not in database for r in added)   # sealed
+
+    trained.restore(progress=False)
+    fresh = make_run(trained.plan, tiny_image_data, name="fresh").train(progress=False)
+    _, components = trained.served()
+    assert components == fresh.served()[1] and trained.status().unseen_records == 0
+    mine, theirs = served_tensors(trained, components), served_tensors(fresh, components)
+    assert mine and all(torch.equal(mine[a][k], theirs[a][k]) for a in mine for k in mine[a])
+    report = trained.audit(replay=1, seed=0)
+    assert report.passed and report.check("replay").looked_at["stages"][0]["result"] == "bit-identical", \
+        report.failures

@@ -1,4 +1,5 @@
-"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing."""
+"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing (the tests
+taking `trained_case` run once per classifying family: texts and images)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from sqlalchemy import insert
 
 import s3t
+from s3t.records import payload
 from s3t.registry import lineage
 
 
@@ -26,7 +28,8 @@ def run_bytes(system) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(system.run_dir.rglob("*")) if p.is_file())
 
 
-def test_delete_truncates_without_training(trained, tiny_data, no_training):
+def test_delete_truncates_without_training(trained_case, no_training):
+    trained, tiny_data = trained_case
     victim = tiny_data[5]
     shard, slice_ = trained.locate([victim.id])[victim.id]
     before = {o["position"]: o["depth"] for o in trained.registry.orders(shards=[shard])}
@@ -40,12 +43,13 @@ def test_delete_truncates_without_training(trained, tiny_data, no_training):
     assert receipt.lineage_check.startswith("passed")
 
 
-def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
+def test_deleted_content_leaves_every_file(trained_case, no_training):
+    trained, tiny_data = trained_case
     victim = tiny_data[3]
-    marker = victim.text.encode()
-    assert sum(r.text == victim.text for r in tiny_data) == 1
+    marker = payload(victim)[0]   # the text, or the image file's bytes
+    assert sum(r.model_input == victim.model_input for r in tiny_data) == 1
     shard, _ = trained.locate([victim.id])[victim.id]
-    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == marker   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
     trained.delete(ids=[victim.id])
     trained.close()

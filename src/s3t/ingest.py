@@ -81,15 +81,15 @@ def add(registry: Registry, ledger_key: bytes, plan: "Plan", data: "Dataset", *,
         requested_by: str | None = None) -> Addition:
     """Add records to the run in one transaction, with their ledger entry; returns what it did.
 
-    `kind` is the record kind the run's model trains on (`records.KINDS`: "text", "prompt"). ConflictError
+    `kind` is the record kind the run's model trains on (`records.KINDS`: "text", "image", "prompt"). ConflictError
     if an id is already live in the run, or belongs to a deleted record and `replace_deleted` is False;
     DataError if the records are of another kind, a label is outside the plan's, or a subject's new records
     would land in another cell than its records already there (prior-aware placement with another risk).
     With `replace_deleted` the caller must hold the run's training lock (see the module docstring).
     """
     if data.kind != kind:
-        wanted = {"text": "labelled texts {id, text, label}", "prompt": "prompts and completions {id, prompt, "
-                  "completion}"}
+        wanted = {"text": "labelled texts {id, text, label}", "image": "labelled images {id, image, label}",
+                  "prompt": "prompts and completions {id, prompt, completion}"}
         raise DataError(f"the run trains on {wanted.get(kind, kind)}, but the records to add are "
                         f"{wanted.get(data.kind, data.kind)}")
     if unknown := sorted(set(data.labels) - set(plan.labels or ())):
