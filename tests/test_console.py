@@ -37,6 +37,8 @@ CALLS = [
     ("POST", "/v1/review/{flag_id}/reject", {"admin"}),
     ("GET", "/v1/deletions", {"delete", "admin"}),
     ("GET", "/v1/deletions/{request_id}", {"delete", "admin"}),
+    ("GET", "/v1/deletions/{request_id}/export", {"delete", "admin"}),
+    ("GET", "/v1/audit", {"admin"}),
 ]
 
 
@@ -161,7 +163,7 @@ def test_every_call_in_the_script_is_an_api_route(served):
     for method, template, _ in CALLS:
         static = template.split("{")[0]
         assert any(m == method and (static.startswith(lit) or lit.startswith(static)) for m, lit in made), template
-    assert '"/preview"' in script and '"apply"' in script and '"reject"' in script
+    assert '"/preview"' in script and '"apply"' in script and '"reject"' in script and '"/export"' in script
 
 
 @pytest.mark.parametrize("method, template, allowed", CALLS, ids=[f"{m} {t}" for m, t, _ in CALLS])
@@ -233,6 +235,22 @@ def test_preview_of_a_held_request_is_what_applying_does(served):
     assert [(s["shard"], s["depth_before"], s["depth_after"]) for s in applied.json()["shards"]] == [(0, 1, 0)]
     decided = client.get(f"/v1/review/{flag_id}/preview", headers=auth(tokens["admin"]))
     assert decided.status_code == 409 and "not pending" in decided.json()["detail"]
+
+
+def test_an_exported_receipt_verifies_with_the_runs_public_key_and_only_its_owner_may_export_it(served):
+    from s3t.ledger import load_public_key, verify_export
+
+    client, tokens, cells = served
+    receipt = client.post("/v1/deletions", json={"ids": [cells[1, 0][0]], "reference": "T-7"},
+                          headers=auth(tokens["delete"])).json()
+    doc = client.get(f"/v1/deletions/{receipt['request_id']}/export", headers=auth(tokens["delete"]))
+    assert doc.status_code == 200, doc.text
+    service = client.app.state.service
+    entry = verify_export(doc.json(), load_public_key(service.system.public_key()))
+    assert entry["receipt"] == receipt
+    assert client.get(f"/v1/deletions/{receipt['request_id']}/export", headers=auth(tokens["other"])).status_code == 404
+    assert client.get(f"/v1/deletions/{receipt['request_id']}/export", headers=auth(tokens["admin"])).json() == doc.json()
+    assert client.get("/v1/deletions/nope/export", headers=auth(tokens["admin"])).status_code == 404
 
 
 def test_receipts_by_reference_and_recent_ones_respect_ownership(served):

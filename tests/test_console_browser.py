@@ -122,6 +122,19 @@ def test_an_admin_applies_a_held_request_and_sees_the_depth_change(browser, scen
     check = wait(d, lambda d: d.find_elements(By.ID, "lineage-check"), "receipt")[0]
     assert check.text.startswith("passed") and "pass" in check.get_attribute("class")
 
+    # The signed receipt is offered as a download of what the API exported.
+    d.find_element(By.ID, "export").click()
+    link = wait(d, lambda d: d.find_elements(By.ID, "export-link"), "export link")[0]
+    assert link.get_attribute("download").startswith("receipt-") and link.get_attribute("href").startswith("blob:")
+    assert "signed by key" in d.find_element(By.ID, "export-note").text
+
+    # Audit (without replay): every check passes on this run.
+    d.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='audit']").click()
+    d.find_element(By.ID, "audit-run").click()
+    verdict = wait(d, lambda d: d.find_elements(By.ID, "audit-verdict"), "audit verdict", timeout=120)[0]
+    assert verdict.text.startswith("Passed"), d.find_element(By.ID, "audit-result").text
+    assert len(d.find_elements(By.CSS_SELECTOR, "#audit-table tr[data-check]")) >= 5
+
     # The decision went through the API and is recorded with its note.
     with server.client(admin) as client:
         flag = client.get(f"/v1/review/{flag_id}").json()
@@ -145,4 +158,5 @@ def test_a_bad_token_is_refused_and_a_metrics_token_sees_no_review(browser, scen
     d.find_element(By.ID, "signin").click()
     wait(d, lambda d: depth_of(d, 1) == "2", "overview for a metrics token")
     assert not d.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='review']").is_displayed()
+    assert not d.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='audit']").is_displayed()
     assert not d.find_element(By.ID, "restore").is_displayed()

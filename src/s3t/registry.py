@@ -668,7 +668,8 @@ class Registry:
         A scan of the ledger's JSON (portable across databases, no schema change): fine for a person's
         lookups and the console's few recent entries, not for a hot path."""
         out: list[dict] = []
-        q = select(ledger.c.receipt).order_by(ledger.c.created_at.desc(), ledger.c.request_id.desc())
+        q = (select(ledger.c.receipt).where(DELETIONS)
+             .order_by(ledger.c.seq.desc().nulls_last(), ledger.c.created_at.desc(), ledger.c.request_id.desc()))
         with self.engine.connect() as conn:
             for text in conn.execute(q).scalars():
                 receipt = json.loads(text)

@@ -34,7 +34,7 @@ from .auth import ROLES, Token
 from .core import Service
 from .metrics import CONTENT_TYPE
 from .models import (MAX_REFERENCE_CHARS, AdditionOut, AddRecordsRequest, AuditOut, CapacityOut, DeletionRequest,
-                     ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
+                     ErrorOut, ExportOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
                      HeldResponse, PredictImagesRequest, PredictRequest, PredictResponse, PreviewOut, ReceiptList,
                      ReceiptOut, RestoreResponse, ReviewDecision, StatusResponse, WhoAmI)
 from .settings import ServiceSettings
@@ -187,6 +187,13 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         """Receipts newest first, or those with a `reference` (a non-admin token sees its own requests only)."""
         found = await reads.run(service.receipts, token, reference=reference, limit=limit)
         return {"receipts": [r.to_dict() for r in found]}
+
+    @app.get("/v1/deletions/{request_id}/export", response_model=ExportOut, tags=["deletions"])
+    async def export(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
+        """The signed receipt: one ledger entry with its hash and Ed25519 signature, for `s3t verify-receipt`
+        with the run's public key (`s3t receipt RUN_DIR --public-key`), by anyone, without the run. A non-admin
+        token exports its own requests only; an entry made before the run had a signing key is 409."""
+        return await reads.run(service.export_receipt, token, request_id)
 
     @app.get("/v1/deletions/{request_id}", response_model=ReceiptOut, tags=["deletions"])
     async def receipt(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:

@@ -281,6 +281,16 @@ class Service:
         return [Receipt.from_dict(r) for r in
                 self.system.registry.recent_receipts(limit, reference=reference, requested_by=mine)]
 
+    def export_receipt(self, token: Token, request_id: str) -> dict:
+        """The signed, self-contained copy of a receipt (`S3T.export_receipt`), visible as with `receipt`."""
+        from ..errors import IntegrityError
+
+        self.receipt(token, request_id)   # the same "not found" for another token's request
+        try:
+            return self.system.export_receipt(request_id)
+        except IntegrityError as exc:   # an entry made before the run had a signing key: nothing to export
+            raise ConflictError(str(exc)) from None
+
     def receipt(self, token: Token, request_id: str) -> Receipt:
         """A stored receipt; a non-admin token sees only its own requests' receipts (another's is "not found",
         exactly as an unknown one)."""

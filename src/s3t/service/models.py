@@ -18,7 +18,7 @@ __all__ = ["PredictRequest", "PredictImagesRequest", "PredictResponse", "Generat
            "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
            "HealthResponse", "RecordIn", "AddRecordsRequest", "AdditionOut", "AuditOut", "PreviewOut", "ReceiptList",
-           "CapacityOut", "WhoAmI",
+           "CapacityOut", "ExportOut", "WhoAmI",
            "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_IMAGES", "MAX_IMAGE_BASE64_CHARS", "MAX_ITEMS", "MAX_ID_CHARS",
            "MAX_RECORDS", "MAX_RECORD_CHARS"]
 
@@ -335,6 +335,16 @@ class CapacityOut(BaseModel):
     all_out: DeletionStats = Field(description="Deletions until no shard is left (then `restore` is needed).")
     shards: list[ShardExpectation]
     worst_case: list[ShardWorstCase]
+
+
+class ExportOut(BaseModel):
+    """A signed receipt (`s3t.ledger.export`): check it with `s3t verify-receipt FILE --public-key run.pub`."""
+
+    format: str
+    entry: dict[str, Any] = Field(description="The ledger entry: format, seq, prev, kind, receipt.")
+    entry_hash: str
+    signature: str = Field(description="Ed25519 over the canonical entry, hex.")
+    key_id: str
 
 
 class WhoAmI(BaseModel):

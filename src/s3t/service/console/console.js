@@ -104,7 +104,7 @@
     roles = [];
     clearInterval(timer);
     timer = null;
-    for (const id of ["overview", "review", "receipts", "tabs", "who"]) $(id).hidden = true;
+    for (const id of ["overview", "review", "receipts", "audit", "tabs", "who"]) $(id).hidden = true;
     $("login").hidden = false;
     say(typeof reason === "string" ? reason : "");
   }
@@ -113,7 +113,7 @@
     for (const button of document.querySelectorAll("#tabs button")) {
       button.classList.toggle("active", button.dataset.tab === tab);
     }
-    for (const name of ["overview", "review", "receipts"]) $(name).hidden = name !== tab;
+    for (const name of ["overview", "review", "receipts", "audit"]) $(name).hidden = name !== tab;
     clearInterval(timer);
     timer = null;
     if (tab === "overview") {
@@ -121,7 +121,7 @@
       timer = setInterval(loadOverview, POLL_MS);   // the state changes under deletions and restores
     } else if (tab === "review") {
       loadReview();
-    } else {
+    } else if (tab === "receipts") {
       loadReceipts();
     }
   }
@@ -449,8 +449,63 @@
         el("tr", {}, el("th", {}, "served set after"), el("td", {}, `v${r.served_version}: ` +
           `${r.served_artifacts.length} artifacts`)),
         el("tr", {}, el("th", {}, "retired stages"), el("td", { id: "retired" }, list(r.retired_artifacts || []))),
-        el("tr", {}, el("th", {}, "time to apply"), el("td", {}, fmt(r.duration_ms, 1) + " ms"))));
+        el("tr", {}, el("th", {}, "time to apply"), el("td", {}, fmt(r.duration_ms, 1) + " ms"))),
+      el("div", { class: "toolbar" },
+        el("button", { type: "button", id: "export", onclick: () => exportReceipt(r.request_id) },
+          "Export signed receipt"),
+        el("span", { class: "muted", id: "export-note" }, "")));
     box.hidden = false;
+  }
+
+  // The signed receipt (ledger entry, hash, Ed25519 signature) as a JSON file the data subject can check with
+  // `s3t verify-receipt FILE --public-key run.pub`, without the run. Offered as a download of the very bytes
+  // the API answered (a Blob: nothing leaves the page but the file the admin saves).
+  async function exportReceipt(id) {
+    let doc;
+    try {
+      doc = await api("GET", "/v1/deletions/" + encodeURIComponent(id) + "/export");
+    } catch (error) {
+      say(error.message);
+      return;
+    }
+    const blob = new Blob([JSON.stringify(doc, null, 2) + "\n"], { type: "application/json" });
+    const link = el("a", { id: "export-link", href: URL.createObjectURL(blob), download: `receipt-${id}.json` },
+      `receipt-${id}.json`);
+    $("export-note").replaceChildren(`ledger entry #${doc.entry.seq}, signed by key ${doc.key_id}: `, link);
+    link.click();
+  }
+
+  // -- audit ---------------------------------------------------------------------------------------
+  async function runAudit(event) {
+    event.preventDefault();
+    const replay = Math.max(0, parseInt($("audit-replay").value, 10) || 0);
+    const box = $("audit-result");
+    $("audit-run").disabled = true;
+    box.replaceChildren(el("p", { class: "muted" }, replay ? `Auditing, replaying ${replay} stages…` : "Auditing…"));
+    let report;
+    try {
+      report = await api("GET", "/v1/audit?replay=" + replay);
+    } catch (error) {
+      box.replaceChildren();
+      say(error.message);
+      return;
+    } finally {
+      $("audit-run").disabled = false;
+    }
+    const value = (v) => Array.isArray(v) ? v.length : v !== null && typeof v === "object" ? JSON.stringify(v) : v;
+    const looked = (o) => Object.entries(o || {}).map(([k, v]) => `${k}: ${value(v)}`).join(", ");
+    box.replaceChildren(
+      el("p", { id: "audit-verdict", class: report.passed ? "pass" : "fail" },
+        report.passed ? "Passed" : `Failed: ${report.failures.length} failures`, el("span", { class: "muted" },
+          ` (checked ${when(report.checked_at)})`)),
+      el("table", { id: "audit-table" },
+        el("tr", {}, el("th", {}, "check"), el("th", {}, "result"), el("th", {}, "what it looked at"),
+          el("th", {}, "failures")),
+        ...report.checks.map((c) => el("tr", { "data-check": c.name },
+          el("td", {}, c.name),
+          el("td", { class: c.status === "passed" ? "pass" : c.status === "failed" ? "fail" : "muted" }, c.status),
+          el("td", {}, c.summary, el("div", { class: "muted" }, looked(c.looked_at))),
+          el("td", {}, c.failures.length ? el("ul", {}, ...c.failures.map((f) => el("li", {}, f))) : "–")))));
   }
 
   // -- wiring --------------------------------------------------------------------------------------
@@ -464,6 +519,7 @@
     $("restore").addEventListener("click", restore);
     $("review-status").addEventListener("change", () => { $("review-detail").hidden = true; loadReview(); });
     $("review-refresh").addEventListener("click", loadReview);
+    $("audit-form").addEventListener("submit", runAudit);
     $("receipt-form").addEventListener("submit", (event) => { event.preventDefault(); lookUp($("receipt-query").value); });
     $("token").focus();
   });
