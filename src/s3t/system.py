@@ -419,8 +419,8 @@ class S3T:
         log-probabilities. temperature 0 decodes greedily; above 0 samples (reproducibly with `seed`). The
         outputs of one prompt are bit-reproducible for the same batch of prompts (CPU kernels block rows).
         """
-        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                             aggregation=aggregation, seed=seed).texts
+        return list(self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  aggregation=aggregation, seed=seed).texts)
 
     def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  aggregation: str = "mean_proba", seed: int | None = None) -> "Generation":
