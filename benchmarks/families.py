@@ -499,12 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         from s3t.models.base import quiet_transformers
 
         quiet_transformers()
-        torch.set_num_threads(1)   # 2 shared cores: one thread is faster and steadier (and the plans pin 1)
         cfg = CONFIGS[args.family]["smoke" if args.smoke else "default"]
         started = time.perf_counter()
         log(f"{args.family}{' (smoke)' if args.smoke else ''}:")
         work = Path(tmp) / "work"
-        result = run_gpt(cfg, work) if args.family == "gpt" else run_vit(cfg, work, smoke=args.smoke)
+        # Called in-process by the smoke tests: leave the caller's thread count and global RNG as they were
+        # (a run created later resolves its num_threads from torch's, and that enters its lineages).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # 2 shared cores: one thread is faster and steadier (and the plans pin 1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                result = run_gpt(cfg, work) if args.family == "gpt" else run_vit(cfg, work, smoke=args.smoke)
+        finally:
+            torch.set_num_threads(threads)
         if result is None:
             return 1
         result["wall_s"] = time.perf_counter() - started

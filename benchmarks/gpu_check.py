@@ -296,6 +296,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    import torch
+
+    # Called in-process by the smoke test: give the caller its thread count, deterministic-algorithm setting and
+    # global RNG back (a run created later resolves its num_threads from torch's, and that enters its lineages).
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def _main(args) -> int:
     if args.side:   # child: one side of one model
         kind, side = args.side.split(":")
         result = measure_side(kind, side, args.size, args.folder, args.device)

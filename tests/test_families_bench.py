@@ -27,6 +27,20 @@ def families():
     sys.modules.pop("families_bench", None)
 
 
+@pytest.fixture(autouse=True)
+def torch_settings_kept():
+    """The benchmarks run in this process: they must leave torch's thread count and global RNG as they found them
+    (runs created later resolve `num_threads` from torch's, and it enters their lineages)."""
+    import torch
+
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), rng)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+        == deterministic
+
+
 @pytest.mark.parametrize("family", ["gpt", "vit"])
 def test_families_smoke(families, family, tmp_path):
     assert families.main([family, "--smoke", "--out-dir", str(tmp_path), "--plot", str(tmp_path / "f.png")]) == 0
