@@ -12,6 +12,7 @@ from s3t.errors import DataError
 from s3t.inference import load_components, perplexity
 from s3t.models.decoder import Shard
 from s3t.models.decoder import generate as decode
+from conftest import TEST_DEVICE
 from test_exactness import served_tensors
 from tiny_models import bbc_texts, save_tiny, train_bpe
 
@@ -35,7 +36,7 @@ def prompt_data():
 @pytest.fixture
 def plan(llama):
     return s3t.Plan(num_shards=2, num_slices=2, budget=2, blocks_per_slice=1, epochs=1, max_length=24, batch_size=8,
-                    learning_rate=5e-3, base_model=llama, seed=0, num_threads=1)
+                    learning_rate=5e-3, base_model=llama, seed=0, num_threads=1, device=TEST_DEVICE)
 
 
 def test_generation_after_deletions_and_restore_equals_fresh_training(make_run, plan, prompt_data):
