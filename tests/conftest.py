@@ -1,16 +1,105 @@
-"""Shared fixtures: a 2-block cut of the embedded MiniLM and small synthetic data, so tests stay fast."""
+"""Shared fixtures: a 2-block cut of the embedded MiniLM and small synthetic data, so tests stay fast.
+
+Databases: runs are SQLite in their folder unless a module is marked `both_databases`
+(`pytestmark = pytest.mark.both_databases`), whose tests then also run on PostgreSQL, each run in a
+schema of its own. The server is S3T_TEST_POSTGRES_URL's (`.ci/run` starts one), or else one this
+session starts in a temp folder (tests/postgres.py) when PostgreSQL's binaries are installed; with
+neither, or with S3T_TEST_POSTGRES=off, the PostgreSQL cases are skipped and say why.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import postgres  # noqa: E402  (tests/postgres.py)
 import s3t  # noqa: E402
 from s3t import datasets  # noqa: E402
+
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "both_databases: run the module's tests on SQLite and on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_databases"):
+        metafunc.parametrize("database", DATABASES, indirect=True, scope="session")
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where the tests' runs keep their registry: SQLite in the run folder, or a fresh PostgreSQL schema."""
+
+    kind: str
+    url: str | None = None
+
+    @property
+    def postgres(self) -> bool:
+        return self.kind == "postgresql"
+
+    def create_args(self) -> dict:
+        """`S3T.create` keyword arguments for a new run (a schema of its own on PostgreSQL)."""
+        if not self.postgres:
+            return {}
+        return {"database_url": self.url, "database_schema": postgres.new_schema(self.url)}
+
+    def create(self, path: Path, plan: s3t.Plan, data: s3t.Dataset) -> s3t.S3T:
+        return s3t.S3T.create(path, plan, data, **self.create_args())
+
+
+def copy_run(source: Path, dest: Path) -> Path:
+    """A private copy of a run: its folder, and on PostgreSQL its schema (never shared with the original)."""
+    import json
+
+    shutil.copytree(source, dest)
+    info = json.loads((dest / "run.json").read_text())
+    if info.get("database_schema"):
+        info["database_schema"] = postgres.clone_schema(info["database_url"], info["database_schema"])
+        (dest / "run.json").write_text(json.dumps(info, indent=2))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (started for this session if none is given); skips without one."""
+    if os.environ.get("S3T_TEST_POSTGRES", "").lower() == "off":
+        pytest.skip("PostgreSQL cases skipped: S3T_TEST_POSTGRES=off")
+    if url := os.environ.get(postgres.ENV):
+        yield url
+        return
+    if postgres.binaries() is None:
+        pytest.skip(f"PostgreSQL cases skipped: no server. Set {postgres.ENV}=postgresql+psycopg://USER@HOST:PORT/DB "
+                    "or install PostgreSQL (initdb, pg_ctl and postgres on PATH); `.ci/run` starts one")
+    folder = Path(tempfile.mkdtemp(prefix="s3t-pg-"))
+    os.chmod(folder, 0o711)   # the server may run as another user (PostgreSQL refuses root)
+    try:
+        url = postgres.start(folder / "cluster")
+    except Exception as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"PostgreSQL cases skipped: could not start a server ({exc})")
+    try:
+        yield url
+    finally:
+        postgres.stop(folder / "cluster")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database(request) -> Database:
+    """SQLite, unless the test is parametrized with "postgresql" (modules marked `both_databases`)."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "postgresql":
+        return Database(kind, request.getfixturevalue("postgres_url"))
+    return Database(kind)
 
 
 @pytest.fixture(scope="session")
@@ -43,12 +132,12 @@ def tiny_data() -> s3t.Dataset:
 
 
 @pytest.fixture
-def make_run(tmp_path):
+def make_run(tmp_path, database):
     """Create (and clean up) runs in a temporary folder: make_run(plan, data, name="a")."""
     created = []
 
     def make(plan: s3t.Plan, data: s3t.Dataset, name: str = "run") -> s3t.S3T:
-        system = s3t.S3T.create(tmp_path / name, plan, data)
+        system = database.create(tmp_path / name, plan, data)
         created.append(system)
         return system
 
@@ -58,22 +147,27 @@ def make_run(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory, tiny_plan, tiny_data) -> Path:
+def _trained_runs() -> dict:
+    """Trained tiny runs by database kind, built once per session (a fixture switching its database
+    parameter back and forth must not retrain)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, tiny_plan, tiny_data, database, _trained_runs) -> Path:
     """A trained tiny run, read-only for tests (copy it with `copy_run` before changing it)."""
-    path = tmp_path_factory.mktemp("trained") / "run"
-    system = s3t.S3T.create(path, tiny_plan, tiny_data)
-    system.train(progress=False)
-    system.close()
-    return path
+    if database.kind not in _trained_runs:
+        path = tmp_path_factory.mktemp(f"trained-{database.kind}") / "run"
+        system = database.create(path, tiny_plan, tiny_data)
+        system.train(progress=False)
+        system.close()
+        _trained_runs[database.kind] = path
+    return _trained_runs[database.kind]
 
 
 @pytest.fixture
 def trained(trained_dir, tmp_path) -> s3t.S3T:
     """A private copy of the trained tiny run."""
-    import shutil
-
-    path = tmp_path / "copy"
-    shutil.copytree(trained_dir, path)
-    system = s3t.S3T.open(path)
+    system = s3t.S3T.open(copy_run(trained_dir, tmp_path / "copy"))
     yield system
     system.close()

@@ -12,6 +12,8 @@ import torch
 
 from s3t.inference import aggregate, shard_logits
 
+pytestmark = pytest.mark.both_databases   # the contract holds whichever database keeps the registry
+
 
 def served_tensors(system, components):
     """The tensors of every served artifact, loaded from the system's own store (hash-verified)."""

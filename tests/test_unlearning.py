@@ -1,12 +1,18 @@
-"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing."""
+"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing.
+
+Runs on SQLite and on PostgreSQL (`both_databases`); the group commit of concurrent deletions is
+tests/test_batch.py's.
+"""
 
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 import s3t
-from s3t.registry import lineage
+from s3t.registry import lineage, records
+
+pytestmark = pytest.mark.both_databases
 
 
 @pytest.fixture
@@ -47,26 +53,31 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     shard, _ = trained.locate([victim.id])[victim.id]
     assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
+    with trained.registry.engine.connect() as conn:   # on any database: only ciphertext in the row
+        stored = conn.execute(select(records.c.text).where(records.c.id == victim.id)).scalar_one()
+    assert stored and marker not in stored
     trained.delete(ids=[victim.id])
+    with trained.registry.engine.connect() as conn:
+        assert conn.execute(select(records.c.text, records.c.label)
+                            .where(records.c.id == victim.id)).one() == (None, None)
     trained.close()
     assert marker not in run_bytes(trained), "deleted text survives in the run's files"
 
 
 def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
-    import sqlite3
-
     subject = tiny_data[0].subject
     owned = {r.id for r in tiny_data if r.subject == subject}
     receipt = trained.delete(subjects=[subject])
     assert set(receipt.deleted) == owned and subject not in str(receipt.to_dict())
-    trained.close()
     # The subject column is gone: a subject is stored only as its keyed digest, from create on.
-    con = sqlite3.connect(trained.run_dir / "registry.sqlite")
-    rows = con.execute("select subject_digest, text, label from records where id in (%s)"
-                       % ",".join("?" * len(owned)), sorted(owned)).fetchall()
-    con.close()
+    assert "subject" not in records.c
+    with trained.registry.engine.connect() as conn:
+        rows = conn.execute(select(records.c.subject_digest, records.c.text, records.c.label)
+                            .where(records.c.id.in_(sorted(owned)))).all()
     assert rows and all(r[1] is None and r[2] is None and len(r[0]) == 64 for r in rows)
-    assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
+    trained.close()
+    if not trained.registry.postgres:   # the database file itself (PostgreSQL's files are the server's)
+        assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
 
 
 def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):

@@ -21,7 +21,7 @@ from .records import Dataset, Record
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "DeletionQueue", "datasets",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
-         "Receipt": "unlearning",
+         "Receipt": "unlearning", "DeletionQueue": "batch",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",
          "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner"}
