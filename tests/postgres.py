@@ -2,6 +2,7 @@
 
     python tests/postgres.py start DIR    # initdb + pg_ctl start in DIR; prints the server's URL
     python tests/postgres.py stop DIR     # pg_ctl stop (immediate) and remove DIR
+    python tests/postgres.py check        # exit 0 if PostgreSQL's binaries are installed (prints their folder)
 
 `.ci/run` starts one this way and exports its URL as S3T_TEST_POSTGRES_URL (and stops it on exit, even
 when the tests fail); without that variable the test session starts its own (tests/conftest.py), so a
@@ -159,6 +160,10 @@ def drop_schema(url: str, name: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["check"]:
+        folder = binaries()
+        print(folder if folder else "PostgreSQL's initdb, pg_ctl and postgres were not found")
+        return 0 if folder else 1
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
         print(__doc__.split("\n\n")[0], file=sys.stderr)
         return 2

@@ -147,6 +147,12 @@ class Batch:
             self._keys_checked.add(key)
         return key in self._flag_keys
 
+    def note_flag(self, key: str) -> None:
+        """A request in this batch was held under this idempotency key: a later one with the same key in the
+        same batch must find that hold (as it would in a transaction of its own)."""
+        self._flag_keys.add(key)
+        self._keys_checked.add(key)
+
     def served(self) -> tuple[int, list[dict]]:
         if self._served is None:
             self._served = self.registry.served(self.conn)
@@ -371,26 +377,41 @@ class DeletionQueue:
 
     def _transaction(self, requests: list[_Request]) -> tuple[list[Receipt], list[int]]:
         """Run every request's work in one transaction, each in a savepoint; commit."""
-        with ExitStack() as until_committed, self.registry.transaction() as conn:
-            batch = Batch(self.registry, conn, self._key)
-            batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
-                           keys=[k for r in requests for k in r.hints[1]],
-                           tokens=[t for r in requests for t in r.hints[2]])
-            for r in requests:
-                mark = batch._mark()
-                try:
-                    with conn.begin_nested():
-                        r.outcome = (True, r.work(batch))
-                except Exception as exc:   # rolled back to its savepoint: the others go on
-                    batch._rewind(mark)
-                    r.outcome = (False, exc)
-            batch.flush()
-            # Shred derived copies before the commit, and hold them off until it is done (module docstring).
-            if batch.erased:
-                until_committed.enter_context(self.erase_derived(list(dict.fromkeys(batch.erased))))
+        until_committed = ExitStack()
+        try:
+            with self.registry.transaction() as conn:
+                batch = self._run_requests(conn, requests, until_committed)
+        except BaseException:
+            until_committed.close()   # rolled back: the derived copies may be rewritten again
+            raise
+        try:   # committed: from here on nothing may report the batch as failed, nor retry it
+            until_committed.close()
+        except Exception:
+            log.exception("releasing the cache lock after a group commit failed")
         self.batches += 1
         self.applied += sum(ok for ok, _ in (r.outcome for r in requests))
         return batch.receipts, batch.key_slots
+
+    def _run_requests(self, conn, requests: list[_Request], until_committed: ExitStack) -> Batch:
+        """Each request's work in its own savepoint, then the staged writes; holds the cache lock (entered
+        on `until_committed`) from the shredding of derived copies until after the commit."""
+        batch = Batch(self.registry, conn, self._key)
+        batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
+                       keys=[k for r in requests for k in r.hints[1]],
+                       tokens=[t for r in requests for t in r.hints[2]])
+        for r in requests:
+            mark = batch._mark()
+            try:
+                with conn.begin_nested():
+                    r.outcome = (True, r.work(batch))
+            except Exception as exc:   # rolled back to its savepoint: the others go on
+                batch._rewind(mark)
+                r.outcome = (False, exc)
+        batch.flush()
+        # Shred derived copies before the commit, and hold them off until it is done (module docstring).
+        if batch.erased:
+            until_committed.enter_context(self.erase_derived(list(dict.fromkeys(batch.erased))))
+        return batch
 
     def _finish(self, receipts: list[Receipt], slots: list[int]) -> None:
         """After the commit, before any answer: destroy the keys, then shred the retired stages."""

@@ -101,6 +101,8 @@ def hold(system: "S3T", batch: "Batch", *, token_id: str | None, ids: Sequence[s
         idempotency_key=idempotency_key,
         fingerprint=fingerprint(system, ids=ids, subjects=subjects, reference=reference),
         id_count=id_count, subject_count=subject_count)
+    if idempotency_key is not None:   # a later request of the batch under this key replays the hold
+        batch.note_flag(idempotency_key)
     if token_id is not None:   # a held request counts towards the quota now, like an applied one
         batch.add_usage(token_id, utcnow()[:10], id_count + subject_count)
     return get_flag(system, flag_id, conn)
