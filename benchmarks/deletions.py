@@ -166,7 +166,7 @@ def _work(system, rows: Sequence[dict]) -> tuple[int, int]:
 
 @functools.cache
 def _num_blocks(base_model: str | None) -> int:
-    from s3t.backbone import count_blocks, resolve_model_path
+    from s3t.models import count_blocks, resolve_model_path
 
     return count_blocks(resolve_model_path(base_model))
 

@@ -36,19 +36,19 @@ def main() -> None:
 
     def per_shard_logits(bb, components, texts, load, batch_size):
         """The baseline: every shard runs its own full forward from the embeddings."""
-        out = np.zeros((len(components), len(texts), bb.head.out_features), dtype=np.float32)
+        out = np.zeros((len(components), len(texts), bb.num_outputs), dtype=np.float32)
         with torch.no_grad():
             for b in range(0, len(texts), batch_size):
-                input_ids, mask = bb.tokenize(texts[b:b + batch_size])
+                batch = bb.prepare(texts[b:b + batch_size])
                 for k, c in enumerate(components):
                     for lineage in c["artifacts"]:
                         bb.load_state(load(lineage))
                     start = bb.group_start(c["depth"])
-                    bb.set_depth(0)
-                    hidden = bb.trunk(input_ids, mask, start)
-                    bb.set_depth(c["depth"])
-                    out[k, b:b + batch_size] = bb.top(hidden, mask, start).numpy()
-        bb.set_depth(0)
+                    bb.set_active(0)
+                    hidden = bb.run_blocks(bb.embed(batch), batch, 0, start)
+                    bb.set_active(c["depth"])
+                    out[k, b:b + batch_size] = bb.top(hidden, batch, start).numpy()
+        bb.set_active(0)
         return out
 
     train, test = demo_data()
@@ -62,9 +62,9 @@ def main() -> None:
         assert len(components) == args.shards and all(c["depth"] == plan.num_slices for c in components)
         results = {}
         for name, fn in (("per_shard", per_shard_logits), ("shared_trunk", shard_logits)):
-            fn(trainer.backbone, components, texts[:args.batch_size], load=trainer.load, batch_size=args.batch_size)
+            fn(trainer.model, components, texts[:args.batch_size], load=trainer.load, batch_size=args.batch_size)
             started = time.perf_counter()
-            logits = fn(trainer.backbone, components, texts, load=trainer.load, batch_size=args.batch_size)
+            logits = fn(trainer.model, components, texts, load=trainer.load, batch_size=args.batch_size)
             seconds = time.perf_counter() - started
             results[name] = {"seconds": round(seconds, 2), "texts_per_s": round(len(texts) / seconds, 1),
                              "proba": aggregate(logits, plan.aggregation)}

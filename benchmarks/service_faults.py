@@ -32,7 +32,7 @@ def tiny_run(root: Path) -> tuple[Path, list[str]]:
     from transformers import logging as hf_logging
 
     import s3t
-    from s3t.backbone import default_model_path
+    from s3t.models import default_model_path
     from s3t.datasets import synthetic
 
     hf_logging.set_verbosity_error()

@@ -6,7 +6,7 @@ import torch
 
 from s3t.training import StageResult, Trainer
 
-TRAINER_FIELDS = ("backbone", "registry", "store", "training", "base_digest", "environment", "labels", "epochs",
+TRAINER_FIELDS = ("model", "kind", "registry", "store", "training", "base_digest", "environment", "labels", "epochs",
                   "learning_rate", "batch_size")
 
 
@@ -22,8 +22,8 @@ class RandomWeightsTrainer(Trainer):
 
     def train_stage(self, *, stage, lineage, parents, ids, targets):
         gen = torch.Generator().manual_seed(int(lineage[:8], 16))
-        group = self.backbone.groups_at(stage)
-        shapes = {**self.backbone.group_state(group), **self.backbone.head_state()}
+        group = self.model.groups_at(stage)
+        shapes = {**self.model.group_state(group), **self.model.head_state()}
         return StageResult({k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in shapes.items()}, [])
 
 

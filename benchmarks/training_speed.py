@@ -40,11 +40,12 @@ def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
     class ReferenceTrainer(Trainer):
         """Full forward/backward through every block at every stage; no cache; no prefix sharing."""
 
-        def batch_logits(self, batch, start):
-            bb = self.backbone
-            input_ids, mask = bb.tokenize([self.texts[i] for i in batch])
-            hidden = bb.family.embed(bb.model, input_ids).detach().requires_grad_(True)  # backprop to the bottom
-            return bb.top(hidden, mask, 0)
+        def batch_loss(self, batch, start, targets):
+            bb = self.model
+            prepared = bb.prepare([self.texts[i] for i in batch])
+            hidden = bb.embed(prepared).detach().requires_grad_(True)  # backprop to the bottom
+            y = torch.tensor([targets[i] for i in batch])
+            return bb.loss(bb.top(hidden, prepared, 0), prepared, y)
 
         def _usable(self, lineage):
             return lineage in self.trained_here   # never reuse a stage another order already trained
@@ -59,7 +60,7 @@ def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
         import random
 
         train = train.subset(random.Random(0).sample(list(train.ids), records))
-    from s3t.backbone import count_blocks, resolve_model_path
+    from s3t.models import count_blocks, resolve_model_path
 
     num_blocks = count_blocks(resolve_model_path(plan.base_model))
     per_group = plan.blocks_for(num_blocks)

@@ -108,7 +108,7 @@ def tiny_model(tmp_path_factory) -> str:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers import logging as hf_logging
 
-    from s3t.backbone import default_model_path
+    from s3t.models import default_model_path
 
     hf_logging.set_verbosity_error()
     source = default_model_path()

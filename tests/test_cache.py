@@ -13,22 +13,23 @@ from s3t.cache import CACHE_DIR, CacheMiss, TrunkCache, cache_key, erase_records
 
 def test_cached_value_equals_the_record_computed_alone(trained, tiny_data):
     trainer = trained.trainer
-    bb, cache = trainer.backbone, trainer.cache
+    bb, cache = trainer.model, trainer.cache
     rid = tiny_data[0].id
     cache.fill(bb, [r.id for r in tiny_data], lambda i: tiny_data.get(i).text)
-    bb.set_depth(0)
-    input_ids, mask = bb.tokenize([tiny_data[0].text])
+    bb.set_active(0)
+    batch = bb.prepare([tiny_data[0].text])
     for boundary in cache.boundaries:
-        alone = bb.trunk(input_ids, mask, boundary)[0]
-        cached, cached_mask = cache.load([rid], boundary)
+        with torch.no_grad():
+            alone = bb.run_blocks(bb.embed(batch), batch, 0, boundary)[0]
+        cached, aux = cache.load([rid], boundary)
         assert torch.equal(cached[0], alone)
-        assert torch.equal(cached_mask[0], mask[0])
+        assert torch.equal(aux["attention_mask"][0], batch["attention_mask"][0])
 
 
 def test_cache_is_shredded_on_deletion(trained, tiny_data):
     cache = trained.trainer.cache
     rid = tiny_data[4].id
-    cache.fill(trained.trainer.backbone, [rid], lambda i: tiny_data.get(i).text)
+    cache.fill(trained.trainer.model, [rid], lambda i: tiny_data.get(i).text)
     assert cache.missing([rid]) == []
     trained.delete(ids=[rid])
     assert cache.missing([rid]) == [rid]
@@ -46,7 +47,7 @@ def test_cache_key_changes_with_model_length_boundaries_and_environment():
 def test_a_new_key_wipes_the_stale_cache(trained, tiny_data):
     trainer = trained.trainer
     old = trainer.cache
-    old.fill(trainer.backbone, [tiny_data[0].id], lambda i: tiny_data.get(i).text)
+    old.fill(trainer.model, [tiny_data[0].id], lambda i: tiny_data.get(i).text)
     assert old.root.is_dir()
     new_key = cache_key(base_model="another model", max_length=32, boundaries=old.boundaries, environment="e" * 16)
     fresh = TrunkCache(trained.run_dir, key=new_key, boundaries=old.boundaries, registry=trained.registry)
@@ -62,7 +63,7 @@ def cached_files(run_dir, record_id: str) -> list:
 
 def test_a_deletion_committed_while_fill_computes_a_batch_leaves_no_cached_state(trained, tiny_data, monkeypatch):
     trainer = trained.trainer
-    cache, bb = trainer.cache, trainer.backbone
+    cache, bb = trainer.cache, trainer.model
     victim, other = tiny_data[12].id, tiny_data[13].id
     erase_records(trained.run_dir, [victim, other])   # cold: the fill below computes both
     run_blocks, raced = bb.run_blocks, []
@@ -84,7 +85,7 @@ def test_a_deletion_waiting_on_a_fills_write_shreds_what_it_wrote(trained, tiny_
     import s3t.cache as cache_module
 
     trainer = trained.trainer
-    cache, bb = trainer.cache, trainer.backbone
+    cache, bb = trainer.cache, trainer.model
     victim = tiny_data[14].id
     erase_records(trained.run_dir, [victim])
     write_private, started, receipts = cache_module.write_private, threading.Event(), []

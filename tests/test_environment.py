@@ -91,7 +91,7 @@ def test_a_restore_in_another_environment_retrains_whole_orders(make_run, tiny_p
     for lineage in {a for c in restored for a in c["artifacts"]}:
         assert all(torch.equal(mine[lineage][k], theirs[lineage][k]) for k in mine[lineage])
     texts = list(tiny_data.texts[:8])
-    logits = [shard_logits(s.trainer.backbone, restored, texts, load=s.trainer.load, batch_size=8) for s in (moved, fresh)]
+    logits = [shard_logits(s.trainer.model, restored, texts, load=s.trainer.load, batch_size=8) for s in (moved, fresh)]
     assert np.array_equal(*logits)
     moved.close()
 

@@ -30,7 +30,7 @@ def assert_same_model(a, b, components, texts):
         for name in ta[lineage]:
             assert torch.equal(ta[lineage][name], tb[lineage][name]), (lineage, name)
     pa = a.predict_proba(texts)
-    logits_b = shard_logits(b.trainer.backbone, components, texts, load=b.trainer.load, batch_size=64)
+    logits_b = shard_logits(b.trainer.model, components, texts, load=b.trainer.load, batch_size=64)
     assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
 
 

@@ -57,12 +57,12 @@ def test_after_deletion_the_key_slot_is_zero_and_nothing_under_the_run_decrypts_
     slot = trained.registry.key_slots([victim.id])[victim.id]
     key = trained.registry.keys.key(slot)
     con = sqlite3.connect(run / "registry.sqlite")
-    sealed_text, sealed_label = con.execute("select text, label from records where id = ?", (victim.id,)).fetchone()
+    sealed_text, sealed_label = con.execute("select input, target from records where id = ?", (victim.id,)).fetchone()
     con.close()
     cached, = (run / "cache").rglob(cache_name(victim.id) + "*")   # its sealed hidden states, from training
     # Guards: the content is really stored, sealed under this key, and the key is in the key file.
-    assert unseal(key, sealed_text, aad("record", victim.id, "text")).decode() == victim.text
-    assert unseal(key, sealed_label, aad("record", victim.id, "label")).decode() == victim.label
+    assert unseal(key, sealed_text, aad("record", victim.id, "input")).decode() == victim.text
+    assert unseal(key, sealed_label, aad("record", victim.id, "target")).decode() == victim.label
     assert cached.is_file() and key in every_byte(run) and sealed_text in every_byte(run)
 
     trained.delete(ids=[victim.id])

@@ -64,7 +64,7 @@ def test_repr() -> None:
         ([{**ROWS[0], "id": " "}], r"`id` at records\[0\] is blank"),
         ([{**ROWS[0], "id": 1.5}], r"`id` at records\[0\] must be a string or int; got 1.5 \(float\)"),
         ([{**ROWS[0], "label": True}], r"`label` at records\[0\] must be a string or int; got True"),
-        ([["a", "t", "x"]], r"Expected a Record or a mapping .* at records\[0\]; got list"),
+        ([["a", "t", "x"]], r"Expected a record or a mapping .* at records\[0\]; got list"),
     ],
 )
 def test_from_records_errors_name_the_record(rows: list, expected: str) -> None:

@@ -390,11 +390,11 @@ def test_restoration_on_request_survives_a_kill_and_resumes(trained_dir, tmp_pat
         client.post("/v1/deletions", json={"ids": [cells[0, 0][0], cells[1, 1][0]]})
         assert client.get("/v1/status").json()["truncated_orders"] > 0
         assert client.post("/v1/restore").status_code == 202
-        wait_for(lambda: worker_children(run_dir), timeout=30, what="the restoration child")
+        wait_for(lambda: worker_children(run_dir), timeout=120, what="the restoration child")
         time.sleep(1.0)
     finally:
         srv.kill()
-    wait_for(lambda: not worker_children(run_dir), timeout=10, what="the child to die with the server")
+    wait_for(lambda: not worker_children(run_dir), timeout=60, what="the child to die with the server")
     # The request was persisted: a restart resumes it without being asked again.
     with Server(run_dir, "--no-preload", "--restore-poll", "0.2") as srv2:
         client = srv2.client(admin)

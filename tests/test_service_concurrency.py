@@ -45,7 +45,7 @@ def test_concurrent_deletions_and_predictions_keep_the_ledger_and_the_visibility
     assert len(ids) >= 20 and subjects
     events: list[dict] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(CLIENTS, timeout=60)
+    barrier = threading.Barrier(CLIENTS, timeout=300)
 
     def client(k: int) -> None:
         rng = random.Random(k)

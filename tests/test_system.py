@@ -344,7 +344,7 @@ def test_deleted_content_does_not_survive_in_the_registry_file(trained, tiny_dat
     record = tiny_data[4]
     db = trained.run_dir / "registry.sqlite"
     con = sqlite3.connect(db)
-    sealed = con.execute("select text from records where id = ?", (record.id,)).fetchone()[0]
+    sealed = con.execute("select input from records where id = ?", (record.id,)).fetchone()[0]
     con.close()
     # The text is stored sealed, never in clear; its sealed bytes are there (guard: the check below can fail).
     assert record.text.encode() not in db.read_bytes() and sealed in db.read_bytes()

@@ -10,10 +10,10 @@ from s3t.lineage import epoch_order
 
 def test_groups_are_selected_by_block_index_top_down(tiny_model):
     plan = s3t.Plan(num_slices=2, base_model=tiny_model)
-    from s3t.backbone import Backbone, resolve_model_path
+    from s3t.models import load_model, resolve_model_path
 
-    bb = Backbone(resolve_model_path(tiny_model), num_groups=2, blocks_per_group=1, num_labels=3, max_length=16,
-                  lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=plan.lora_targets)
+    bb = load_model(resolve_model_path(tiny_model), num_groups=2, blocks_per_group=1, num_labels=3, max_length=16,
+                    lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=plan.lora_targets)
     assert bb.group_blocks == {1: [1], 2: [0]}   # group 1 is the top block
     for group, blocks in bb.group_blocks.items():
         names = bb.group_state(group)
@@ -25,8 +25,8 @@ def _stage_inputs(trained, shard):
     """The shard's live members and label targets, with the trunk cache filled for them."""
     trainer = trained.trainer
     members, rows = trained.registry.live_shard(shard)
-    trainer.cache.fill(trainer.backbone, sorted(rows), lambda i: rows[i][0])
-    return members, {i: trained.labels.index(rows[i][1]) for i in rows}
+    trainer.cache.fill(trainer.model, sorted(rows), lambda i: rows[i][0].decode())
+    return members, {i: trained.labels.index(rows[i][1].decode()) for i in rows}
 
 
 def test_stage_changes_only_its_group_and_head(trained):
@@ -37,18 +37,18 @@ def test_stage_changes_only_its_group_and_head(trained):
     stage1 = trainer.load(lineages[0])
     result = trainer.train_stage(stage=2, lineage="f" * 64, parents=lineages[:1], ids=sorted(targets),
                                  targets=targets)
-    bb = trainer.backbone
+    bb = trainer.model
     # group 1 in the backbone still holds exactly stage 1's values
     for name, value in bb.group_state(1).items():
         assert torch.equal(value, stage1[name])
     # the result holds group 2 and the head only, and group 2 moved away from its zero-initialised B
-    assert set(result.tensors) == set(bb.group_state(2)) | {"head.weight", "head.bias"}
+    assert set(result.tensors) == set(bb.group_state(2)) | {"head.weight", "head.bias"}   # a stage's artifact
     assert any(t.abs().sum() > 0 for n, t in result.tensors.items() if "lora_B" in n)
     # the frozen backbone is untouched: only LoRA and head parameters exist as trainables at all
-    bb.set_depth(2, train_group=2)
+    bb.set_active(2, train_group=2)
     trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
-    assert trainable == {"model." + n for n in bb.group_state(2)} | {"head.weight", "head.bias"}
-    bb.set_depth(0)
+    assert trainable == {"model." + n for n in bb.group_state(2)} | {"heads.0.weight", "heads.0.bias"}
+    bb.set_active(0)
 
 
 def test_lora_trains_and_loss_falls(trained):

@@ -51,14 +51,14 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     marker = victim.text.encode()
     assert sum(r.text == victim.text for r in tiny_data) == 1
     shard, _ = trained.locate([victim.id])[victim.id]
-    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text   # stored, sealed
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
     with trained.registry.engine.connect() as conn:   # on any database: only ciphertext in the row
-        stored = conn.execute(select(records.c.text).where(records.c.id == victim.id)).scalar_one()
+        stored = conn.execute(select(records.c.input).where(records.c.id == victim.id)).scalar_one()
     assert stored and marker not in stored
     trained.delete(ids=[victim.id])
     with trained.registry.engine.connect() as conn:
-        assert conn.execute(select(records.c.text, records.c.label)
+        assert conn.execute(select(records.c.input, records.c.target)
                             .where(records.c.id == victim.id)).one() == (None, None)
     trained.close()
     assert marker not in run_bytes(trained), "deleted text survives in the run's files"
@@ -72,7 +72,7 @@ def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
     # The subject column is gone: a subject is stored only as its keyed digest, from create on.
     assert "subject" not in records.c
     with trained.registry.engine.connect() as conn:
-        rows = conn.execute(select(records.c.subject_digest, records.c.text, records.c.label)
+        rows = conn.execute(select(records.c.subject_digest, records.c.input, records.c.target)
                             .where(records.c.id.in_(sorted(owned)))).all()
     assert rows and all(r[1] is None and r[2] is None and len(r[0]) == 64 for r in rows)
     trained.close()

@@ -16,12 +16,13 @@ from .errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenEr
                      NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RateLimitError, RunBusyError,
                      RunError, RunExistsError, RunNotFoundError, S3TError)
 from .plan import Plan
-from .records import Dataset, Record
+from .records import Dataset, PromptRecord, Record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "Receipt", "Prediction", "Status", "ShardStatus", "DeletionQueue", "datasets",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus",
+    "DeletionQueue", "datasets",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -29,7 +30,7 @@ __all__ = [
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
 ]
 
-_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system",
+_LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
          "Receipt": "unlearning", "DeletionQueue": "batch",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",

@@ -115,7 +115,7 @@ def sweep(run_dir: Path, live_ids: Sequence[str]) -> list[Path]:
 
 
 class TrunkCache:
-    """Per-record sealed safetensors {"mask": (T,), "hidden": (len(boundaries), T, H)} under one cache key."""
+    """Per-record sealed safetensors {aux fields (e.g. "attention_mask": (T,)), "hidden": (boundaries, T, H)}."""
 
     def __init__(self, run_dir: Path, *, key: str, boundaries: Sequence[int], registry: "Registry") -> None:
         self.run_dir = Path(run_dir)
@@ -137,30 +137,31 @@ class TrunkCache:
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [i for i in ids if not _record_file(self.root, i).is_file()]
 
-    def fill(self, backbone, ids: Sequence[str], text_of: Callable[[str], str],
+    def fill(self, model, ids: Sequence[str], input_of: Callable[[str], object],
              on_batch: Callable[[int], None] = lambda n: None) -> None:
-        """Compute and store the hidden states of `ids` (those not cached yet, and still live when written)."""
+        """Compute and store the hidden states of `ids` (those not cached yet, and still live when written);
+        `input_of(id)` is the record's model input (`LayeredModel.prepare` takes a list of them)."""
         import torch
 
         todo = self.missing(ids)
         top = max(self.boundaries)
-        backbone.set_depth(0)
+        model.set_active(0)
         for b in range(0, len(todo), BATCH):
             batch = todo[b:b + BATCH]
-            texts = [text_of(i) for i in batch]
-            texts += [texts[-1]] * (BATCH - len(texts))   # same shape every time: values independent of batch
-            input_ids, mask = backbone.tokenize(texts)
+            inputs = [input_of(i) for i in batch]
+            inputs += [inputs[-1]] * (BATCH - len(inputs))   # same shape every time: values independent of batch
+            prepared = model.prepare(inputs)
             with torch.no_grad():   # outside the cache lock: deletions never wait for a forward pass
-                hidden = backbone.family.embed(backbone.model, input_ids)
+                hidden = model.embed(prepared)
                 states, at = {}, 0
                 for stop in sorted(self.boundaries):
-                    hidden = backbone.run_blocks(hidden, mask, at, stop)
+                    hidden = model.run_blocks(hidden, prepared, at, stop)
                     states[stop], at = hidden, stop
                 assert at == top
-            self._store(batch, states, mask)
+            self._store(batch, states, {f: prepared[f] for f in model.aux_fields})
             on_batch(len(batch))
 
-    def _store(self, batch: Sequence[str], states: dict[int, torch.Tensor], mask: torch.Tensor) -> None:
+    def _store(self, batch: Sequence[str], states: dict[int, torch.Tensor], aux: dict[str, torch.Tensor]) -> None:
         """Under the cache lock, write the states of the batch's records that are still live (one registry read)."""
         import torch
         from safetensors.torch import save
@@ -172,15 +173,15 @@ class TrunkCache:
                 key = keys.get(slots.get(rid, -1))
                 if key is None:   # deleted since the batch was read: its state must not be written
                     continue
-                stacked = torch.stack([states[s][k] for s in self.boundaries]).contiguous()
-                data = save({"mask": mask[k].contiguous(), "hidden": stacked})
+                stacked = torch.stack([states[s][k] for s in self.boundaries]).to("cpu").contiguous()
+                data = save({**{f: t[k].to("cpu").contiguous() for f, t in aux.items()}, "hidden": stacked})
                 path = _record_file(self.root, rid)
                 private_dir(path.parent)
                 write_private(path, seal(key, data, aad("cache", self.name, rid)), durable=False)
                 self._slots[rid] = slots[rid]
 
-    def load(self, ids: Sequence[str], boundary: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (B, T, H) at block `boundary`, attention mask (B, T)) for a batch of records."""
+    def load(self, ids: Sequence[str], boundary: int, *, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+        """(hidden (B, T, H) at block `boundary`, {aux field: (B, ...)}) for a batch of records."""
         import torch
         from safetensors.torch import load
 
@@ -188,7 +189,7 @@ class TrunkCache:
         unknown = [i for i in ids if i not in self._slots]
         if unknown:
             self._slots.update(self.registry.key_slots(unknown))
-        hidden, masks = [], []
+        hidden, aux = [], []
         with cache_lock(self.run_dir).hold():   # a deletion shreds under this lock: no half-shredded reads
             keys = self.registry.keys.keys(self._slots[i] for i in ids if i in self._slots)
             for rid in ids:
@@ -205,6 +206,7 @@ class TrunkCache:
                 except IntegrityError:
                     raise IntegrityError(f"the cached state at {path} is damaged; delete the folder {self.root} "
                                          "(it is recomputed on the next training)") from None
-                hidden.append(tensors["hidden"][k])
-                masks.append(tensors["mask"])
-        return torch.stack(hidden), torch.stack(masks)
+                hidden.append(tensors.pop("hidden")[k])
+                aux.append(tensors)
+        fields = {f: torch.stack([a[f] for a in aux]).to(device) for f in aux[0]} if aux else {}
+        return torch.stack(hidden).to(device), fields

@@ -22,14 +22,13 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from s3t.errors import DataError
 
-__all__ = ["Record", "Dataset", "check_labels"]
+__all__ = ["Record", "PromptRecord", "Dataset", "check_labels", "payload", "from_payload", "KINDS"]
 
-_REQUIRED = ("id", "text", "label")
-_FIELDS = (*_REQUIRED, "subject", "risk")
+_OPTIONAL = ("subject", "risk")
 # csv refuses fields over 128 KiB by default, less than a long document; raised only while from_csv reads
 # (the limit is process-wide state, so it is restored afterwards rather than changed for the caller).
 _CSV_FIELD_LIMIT = 16 << 20
@@ -49,6 +48,55 @@ class Record:
     label: str
     subject: str | None = None
     risk: float | None = None
+
+    KIND: ClassVar[str] = "text"
+    CONTENT: ClassVar[tuple[str, str]] = ("text", "label")   # (model input, target) fields
+
+    @property
+    def model_input(self) -> str:
+        """What the model is given for this record (`LayeredModel.prepare` takes a list of these)."""
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """A prompt and the completion a causal LM should learn to write after it (the loss is on the completion)."""
+
+    id: str
+    prompt: str
+    completion: str
+    subject: str | None = None
+    risk: float | None = None
+
+    KIND: ClassVar[str] = "prompt"
+    CONTENT: ClassVar[tuple[str, str]] = ("prompt", "completion")
+
+    @property
+    def model_input(self) -> tuple[str, str]:
+        return self.prompt, self.completion
+
+    label = None   # nothing to classify
+
+
+AnyRecord = Record | PromptRecord
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (Record, PromptRecord)}
+
+
+def payload(record: AnyRecord) -> tuple[bytes, bytes]:
+    """A record's content as (input, target) bytes, as the registry stores them (sealed)."""
+    first, second = record.CONTENT
+    return _encode(getattr(record, first)), _encode(getattr(record, second))
+
+
+def from_payload(kind: str, record_id: str, content: tuple[bytes, bytes]) -> AnyRecord:
+    """The record of `kind` stored as `payload` gave it (without subject and risk, which are not stored)."""
+    cls = KINDS[kind]
+    first, second = cls.CONTENT
+    return cls(record_id, **{first: content[0].decode(), second: content[1].decode()})
+
+
+def _encode(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 class Dataset:
@@ -106,14 +154,16 @@ class Dataset:
                 start = 1
                 try:
                     columns = reader.fieldnames or []
-                    missing = [c for c in _REQUIRED if c not in columns]
-                    extra = [c for c in columns if c not in _FIELDS]
+                    kind = _kind_of(dict.fromkeys(columns))
+                    required = ("id", *kind.CONTENT)
+                    missing = [c for c in required if c not in columns]
+                    extra = [c for c in columns if c not in (*required, *_OPTIONAL)]
                     if missing or extra:
                         problem = (f"is missing required column(s) {', '.join(missing)}" if missing
                                    else f"has unknown column(s) {', '.join(map(repr, extra))}")
                         raise DataError(f"{name} {problem}; found columns: "
                                         f"{', '.join(map(repr, columns)) or 'none'}. The header must name id, "
-                                        "text, label and optionally subject and risk.")
+                                        "text, label (or id, prompt, completion) and optionally subject and risk.")
                     start = reader.line_num + 1
                     for row in reader:
                         where = f"line {start} of {name}"
@@ -170,7 +220,13 @@ class Dataset:
 
     def __repr__(self) -> str:
         n, k = len(self._records), len(self.labels)
-        return f"Dataset({n} record{'s' * (n != 1)}, {k} label{'s' * (k != 1)})"
+        what = f"{k} label{'s' * (k != 1)}" if self.kind == "text" else f"{self.kind} records"
+        return f"Dataset({n} record{'s' * (n != 1)}, {what})"
+
+    @property
+    def kind(self) -> str:
+        """What the records hold: "text" (labelled texts) or "prompt" (prompt/completion pairs)."""
+        return self._records[0].KIND
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -184,8 +240,8 @@ class Dataset:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The distinct labels, sorted."""
-        return tuple(sorted({r.label for r in self._records}))
+        """The distinct labels, sorted (none for prompt/completion records)."""
+        return tuple(sorted({r.label for r in self._records if r.label is not None}))
 
     def get(self, id: str) -> Record:
         """The record with this id; `DataError` if there is none (use `id in dataset` to test)."""
@@ -277,6 +333,9 @@ def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) 
     try:
         for where, item in rows:
             record = _record(where, item)
+            if records and record.KIND != records[0].KIND:
+                raise DataError(f"The record at {where} holds {_shape(type(record))}, but the first record holds "
+                                f"{_shape(type(records[0]))}: a dataset holds one kind of record.")
             if record.id in seen:
                 raise DataError(f"Duplicate id {record.id!r} at {seen[record.id]} and {where}. "
                                 "Ids must be unique: deletion and lineage refer to records by id.")
@@ -297,35 +356,50 @@ def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) 
     return tuple(records)
 
 
-def _record(where: str, item: object) -> Record:
-    if isinstance(item, Record):
+def _record(where: str, item: object) -> AnyRecord:
+    if isinstance(item, tuple(KINDS.values())):
         values: dict[str, Any] = dataclasses.asdict(item)
     elif isinstance(item, Mapping):
         values = dict(item)
     else:
-        raise DataError(f"Expected a Record or a mapping with keys id, text, label at {where}; "
-                        f"got {type(item).__name__}.")
-    for name in _REQUIRED:
+        raise DataError(f"Expected a record or a mapping with keys id, text, label (or id, prompt, completion) at "
+                        f"{where}; got {type(item).__name__}.")
+    cls = _kind_of(values)
+    if "id" not in values:
+        raise DataError(f"Missing field `id` at {where}. Each record needs an id.")
+    for name in cls.CONTENT:
         if name not in values:
-            raise DataError(f"Missing field `{name}` at {where}. "
-                            "Each record needs id, text and label (subject is optional).")
-    extra = sorted(str(k) for k in values if k not in _FIELDS)
+            raise DataError(f"Missing field `{name}` at {where}. Each record needs {_shape(cls)}.")
+    extra = sorted(str(k) for k in values if k not in ("id", *cls.CONTENT, *_OPTIONAL))
     if extra:
         raise DataError(f"Unknown field(s) {', '.join(f'`{k}`' for k in extra)} at {where}. "
-                        "Allowed fields are id, text, label, subject and risk.")
-    text = values["text"]
-    if not isinstance(text, str):
-        raise DataError(f"`text` at {where} must be a string; got {type(text).__name__}.")
-    if not text.strip():
-        raise DataError(f"`text` at {where} is blank. Drop the record or give it text.")
+                        f"A record has {_shape(cls)}.")
+    first, second = cls.CONTENT
+    content = {first: _text(where, first, values[first], blank_ok=cls is PromptRecord)}
+    # A label is a name (a key, like an id); a completion is free text and must not be blank.
+    content[second] = (_key(where, second, values[second]) if cls is Record
+                       else _text(where, second, values[second], blank_ok=False))
     subject = values.get("subject")
-    return Record(
-        id=_key(where, "id", values["id"]),
-        text=text,
-        label=_key(where, "label", values["label"]),
-        subject=None if subject is None else _key(where, "subject", subject),
-        risk=_risk(where, values.get("risk")),
-    )
+    return cls(id=_key(where, "id", values["id"]), **content,
+               subject=None if subject is None else _key(where, "subject", subject),
+               risk=_risk(where, values.get("risk")))
+
+
+def _kind_of(values: Mapping[str, Any]) -> type:
+    """The record class a mapping's fields describe: prompt/completion records, else labelled texts."""
+    return PromptRecord if "prompt" in values or "completion" in values else Record
+
+
+def _shape(cls: type) -> str:
+    return f"id, {', '.join(cls.CONTENT)} and optionally subject and risk"
+
+
+def _text(where: str, name: str, value: object, *, blank_ok: bool) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"`{name}` at {where} must be a string; got {type(value).__name__}.")
+    if not blank_ok and not value.strip():
+        raise DataError(f"`{name}` at {where} is blank. Drop the record or give it {name}.")
+    return value
 
 
 def _risk(where: str, value: object) -> float | None:

@@ -3,9 +3,10 @@
 SQLite in the run folder by default (PostgreSQL by URL), through SQLAlchemy Core. Every state change
 happens inside `transaction()`.
 
-Record content (text, label) and the content of held deletion requests is stored sealed (AES-GCM) under
+Record content (a model input and its target: a text and its label, or a prompt and its completion) and
+the content of held deletion requests is stored sealed (AES-GCM) under
 a key of its own from the run's `KeyStore`: the registry seals on insert and unseals on read, so callers
-see plain text, and the database files never hold it. A data subject is stored only as a keyed digest
+see the content, and the database files never hold it in clear. A data subject is stored only as a keyed digest
 (HMAC-SHA256 with the run's ledger key, which is kept outside the database). Erasing NULLs the sealed
 columns, and on SQLite `secure_delete` overwrites them in the database file; the rollback journal's
 copies of those pages stay sealed under a key that the deletion destroys right after its commit.
@@ -54,8 +55,8 @@ records = Table(
     "records", metadata,
     Column("id", String(512), primary_key=True),
     Column("subject_digest", String(64), index=True),  # keyed hash of the subject (never stored in clear); kept
-    Column("text", LargeBinary),                     # sealed under the record's key; NULL once erased
-    Column("label", LargeBinary),                    # sealed under the record's key; NULL once erased
+    Column("input", LargeBinary),                    # the model input (text, prompt), sealed; NULL once erased
+    Column("target", LargeBinary),                   # its target (label, completion), sealed; NULL once erased
     Column("key_slot", Integer, nullable=False),     # the record's key in the KeyStore, destroyed on deletion
     Column("shard", Integer, nullable=False),
     Column("slice", Integer, nullable=False),
@@ -415,12 +416,12 @@ class Registry:
 
     # -- records ------------------------------------------------------------------------------------
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
-        """Insert records {id, subject_digest, text, label, shard, slice}, each sealed under a new key."""
+        """Insert records {id, subject_digest, input, target (bytes), shard, slice}, each sealed under a new key."""
         slots = self.keys.allocate(len(rows))   # inside the caller's write transaction (see KeyStore.allocate)
         keys = self.keys.keys(slots)
         sealed = [dict(id=r["id"], subject_digest=r["subject_digest"], shard=r["shard"], slice=r["slice"],
-                       key_slot=slot, text=seal(keys[slot], r["text"].encode(), aad("record", r["id"], "text")),
-                       label=seal(keys[slot], r["label"].encode(), aad("record", r["id"], "label")))
+                       key_slot=slot, input=seal(keys[slot], r["input"], aad("record", r["id"], "input")),
+                       target=seal(keys[slot], r["target"], aad("record", r["id"], "target")))
                   for r, slot in zip(rows, slots)]
         for start in range(0, len(sealed), 5000):
             conn.execute(records.insert(), sealed[start:start + 5000])
@@ -451,25 +452,25 @@ class Registry:
                 out[s].append(rid)
         return out
 
-    def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[str, str]]]:
-        """(live ids of each slice, sorted; {id: (text, label)}) of one shard, read in one snapshot.
+    def live_shard(self, shard: int) -> tuple[dict[int, list[str]], dict[str, tuple[bytes, bytes]]]:
+        """(live ids of each slice, sorted; {id: (input, target)}) of one shard, read in one snapshot.
 
         One query, so a deletion committing meanwhile cannot leave an id listed without its content. A
         record whose key is destroyed by the time it is unsealed was deleted meanwhile: it is left out.
         """
         members: dict[int, list[str]] = defaultdict(list)
-        rows: dict[str, tuple[str, str]] = {}
+        rows: dict[str, tuple[bytes, bytes]] = {}
         with self.engine.connect() as conn:
             found = conn.execute(
-                select(records.c.slice, records.c.id, records.c.key_slot, records.c.text, records.c.label)
+                select(records.c.slice, records.c.id, records.c.key_slot, records.c.input, records.c.target)
                 .where(records.c.shard == shard, records.c.deleted_in.is_(None)).order_by(records.c.id)).all()
         keys = self.keys.keys(r.key_slot for r in found)
-        for s, rid, slot, text, label in found:
+        for s, rid, slot, model_input, target in found:
             if keys[slot] is None:
                 continue
             members[s].append(rid)
-            rows[rid] = (unseal(keys[slot], text, aad("record", rid, "text")).decode(),
-                         unseal(keys[slot], label, aad("record", rid, "label")).decode())
+            rows[rid] = (unseal(keys[slot], model_input, aad("record", rid, "input")),
+                         unseal(keys[slot], target, aad("record", rid, "target")))
         return dict(members), rows
 
     def find_records(self, conn: Connection, *, ids: Sequence[str] = (),
@@ -492,7 +493,7 @@ class Registry:
         if not erased:
             return
         conn.execute(records.update().where(records.c.id == bindparam("rid"))
-                     .values(text=None, label=None, deleted_in=bindparam("request")),
+                     .values(input=None, target=None, deleted_in=bindparam("request")),
                      [{"rid": row["id"], "request": request_id} for row, request_id in erased])
         self._count(conn, [row for row, _ in erased], -1)
 

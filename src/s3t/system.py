@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, RunBusyError, RunError,
+from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError, RunError,
                      RunExistsError, RunNotFoundError)
 from .files import FileLock, create_private, private_dir, shred, write_private
 from .keystore import KeyStore
 from .orders import select_orders
 from .partition import partition, slice_sizes
 from .plan import Plan
-from .records import Dataset, check_labels
+from .records import Dataset, check_labels, payload
 from .registry import Registry, check_schema_name
 from .truncation import deletions_to_drop
 from .unlearning import Receipt, preview, rebuild, restorable, subject_digest
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .environment import NumericEnvironment
     from .registry import AdvisoryLock
 
-__all__ = ["S3T", "Prediction", "ShardStatus", "Status"]
+__all__ = ["S3T", "Prediction", "Generation", "ShardStatus", "Status"]
 
 # The run folder (0700; every file in it 0600, whatever the umask: see files.py).
 RUN_FILE = "run.json"
@@ -83,6 +83,14 @@ class Status:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """Completions of prompts, with the served-set version that produced them."""
+
+    texts: tuple[str, ...]
+    served_version: int
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Predicted labels and class probabilities, with the served-set version that produced them."""
 
@@ -119,7 +127,7 @@ class S3T:
         `public`); a schema that already holds a run is refused. Artifacts, keys and the cache stay in
         the run folder, which replicas of the service share (a shared filesystem).
         """
-        from .backbone import count_blocks, model_digest, resolve_model_path
+        from .models import count_blocks, family_at, model_digest, resolve_model_path
 
         run_dir = Path(run_dir)
         if (run_dir / RUN_FILE).exists():
@@ -136,7 +144,7 @@ class S3T:
         model_path = resolve_model_path(plan.base_model)
         blocks = count_blocks(model_path)
         plan.blocks_for(blocks)
-        plan = _resolve(plan, data)
+        plan = _resolve(plan, data, family_at(model_path))
         assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices,
                                placement=plan.placement, risky_slices=plan.risky_slices,
                                risk_threshold=plan.risk_threshold)
@@ -170,7 +178,8 @@ class S3T:
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
                 registry.add_cells(conn, (plan.num_shards, plan.num_slices))
                 registry.insert_records(conn, [   # sealed by the registry, each under a key of its own
-                    dict(id=r.id, text=r.text, label=r.label, shard=assignment[r.id][0], slice=assignment[r.id][1],
+                    dict(zip(("input", "target"), payload(r)), id=r.id, shard=assignment[r.id][0],
+                         slice=assignment[r.id][1],
                          subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
                     for r in data])
                 registry.insert_orders(conn, [
@@ -318,8 +327,8 @@ class S3T:
     def trainer(self):
         """The stage trainer with the backbone loaded (lazily: opening a run stays cheap)."""
         if self._trainer is None:
-            from .backbone import Backbone, count_blocks, model_digest, resolve_model_path
             from .cache import TrunkCache, cache_key
+            from .models import count_blocks, load_model, model_digest, resolve_model_path
             from .errors import IntegrityError
             from .store import ArtifactStore
             from .training import Trainer
@@ -331,14 +340,16 @@ class S3T:
                                      "its artifacts were trained on the old one: create a new run")
             p, blocks = self.plan, count_blocks(path)
             groups = p.num_slices if p.method == "s3t" else 1   # SISA: one group over every adapted block
-            backbone = Backbone(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
-                                num_labels=len(self.labels), max_length=p.max_length, lora_rank=p.lora_rank,
-                                lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets)
-            boundaries = [backbone.group_start(g) for g in range(1, groups + 1)]
+            # One adapter slot for training, one per shard for serving them all at once (see inference).
+            model = load_model(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
+                               num_labels=len(self.labels) or None, max_length=p.max_length, lora_rank=p.lora_rank,
+                               lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets,
+                               slots=1 + p.num_shards)
+            boundaries = [model.group_start(g) for g in range(1, groups + 1)]
             cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
                                              environment=self.environment().fingerprint))
-            self._trainer = Trainer(backbone=backbone, registry=self.registry, cache=cache,
+            self._trainer = Trainer(model=model, kind=model.kind, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
                                     training=p.training_fields(blocks), base_digest=digest,
                                     environment=self.environment(), labels=self.labels,
@@ -424,31 +435,88 @@ class S3T:
         deletion returned uses the served set that deletion chose.
         """
         from .inference import aggregate, shard_logits
+
+        self._require_task("classify", "classify")
+        texts = _check_texts(texts)
+        version, proba = self._with_served(
+            lambda components: aggregate(shard_logits(self.trainer.model, components, texts, load=self.trainer.load,
+                                                      batch_size=batch_size), self.plan.aggregation),
+            empty=np.zeros((0, len(self.labels)), dtype=np.float32) if not texts else None)
+        return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 aggregation: str = "mean_proba", seed: int | None = None) -> list[str]:
+        """Completions of `prompts` by the served ensemble (a causal LM run), one token for all shards per step.
+
+        aggregation: "mean_proba" averages the shards' next-token probabilities, "mean_logprob" their
+        log-probabilities. temperature 0 decodes greedily; above 0 samples (reproducibly with `seed`). The
+        outputs of one prompt are bit-reproducible for the same batch of prompts (CPU kernels block rows).
+        """
+        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             aggregation=aggregation, seed=seed).texts
+
+    def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 aggregation: str = "mean_proba", seed: int | None = None) -> "Generation":
+        """`generate`, with the served-set version used (read when the call starts, as `classify` does)."""
+        from .inference import generate
+
+        self._require_task("generate", "generate")
+        prompts = _check_texts(prompts, name="prompts")
+        _check_generation(max_new_tokens, temperature, aggregation)
+        version, texts = self._with_served(
+            lambda components: generate(self.trainer.model, components, prompts, load=self.trainer.load,
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        aggregation=aggregation, seed=seed),
+            empty=[] if not prompts else None)
+        return Generation(tuple(texts), version)
+
+    def perplexity(self, data: Dataset, *, batch_size: int = 16) -> float:
+        """Perplexity of the served ensemble on held-out prompt/completion records (completion tokens only)."""
+        from .inference import perplexity
+
+        self._require_task("generate", "perplexity")
+        if not isinstance(data, Dataset) or data.kind != "prompt":
+            raise DataError("`perplexity` takes a Dataset of {id, prompt, completion} records")
+        records = [r.model_input for r in data]
+        return self._with_served(lambda components: perplexity(self.trainer.model, components, records,
+                                                               load=self.trainer.load, batch_size=batch_size))[1]
+
+    def _with_served(self, compute, *, empty=None):
+        """(served version, compute(components)) on the served set read now, in the run's numeric environment.
+
+        A deletion may switch the served set and retire a stage of the old one mid-call: then the answer
+        comes from the new served set. With no switch, a missing served stage is a real fault: it surfaces.
+        """
+        from .environment import pinned
         from .training import ArtifactRetired
 
-        texts = _check_texts(texts)
         version, components = self.registry.served()
         if version == 0:
             raise NotTrainedError(f"the run at {self.run_dir} is not trained yet: call train() or `s3t train`")
         if not components:
             raise NeedsRestoreError("deletions took every shard out of the ensemble: the model needs restoring "
                                     "(call restore() or `s3t restore`)")
-        if not texts:
-            return Prediction((), np.zeros((0, len(self.labels)), dtype=np.float32), version)
-        from .environment import pinned
-
-        trainer = self.trainer
+        if empty is not None:
+            return version, empty
         try:
-            with pinned(trainer.environment):
-                logits = shard_logits(trainer.backbone, components, texts, load=trainer.load, batch_size=batch_size)
+            with pinned(self.trainer.environment):
+                return version, compute(components)
         except ArtifactRetired:
-            # A deletion switched the served set and retired a stage of the old one mid-call: answer from
-            # the new served set. With no switch, a missing served stage is a real fault: let it surface.
             if self.registry.served()[0] == version:
                 raise
-            return self.classify(texts, batch_size=batch_size)
-        proba = aggregate(logits, self.plan.aggregation)
-        return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
+            return self._with_served(compute)
+
+    @property
+    def task(self) -> str:
+        """What the run's model does: "classify" (labels) or "generate" (completions)."""
+        return "classify" if self.labels else "generate"
+
+    def _require_task(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = {"classify": "predict / predict_proba / classify", "generate": "generate / perplexity"}
+            raise DataError(f"`{method}` needs a run that {'classifies' if task == 'classify' else 'generates text'}; "
+                            f"this one {'generates text' if task == 'classify' else 'classifies'}: use "
+                            f"{other[self.task]}")
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
         """Predicted label names."""
@@ -554,12 +622,21 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _resolve(plan: Plan, data: Dataset) -> Plan:
+def _resolve(plan: Plan, data: Dataset, family) -> Plan:
     """The plan as the run stores it: label space and thread count fixed, so that a fresh run created with
     the stored plan trains the same task in the same way (whatever data it gets and wherever it runs)."""
     import torch
 
-    if plan.labels is None:
+    if data.kind != family.kind:
+        wanted = {"text": "labelled texts {id, text, label}", "prompt": "prompts and completions {id, prompt, "
+                  "completion}"}
+        raise DataError(f"the base model ({family.__name__}) trains on {wanted.get(family.kind, family.kind)}, "
+                        f"but the data holds {wanted.get(data.kind, data.kind)}")
+    if family.task != "classify":
+        if plan.labels is not None:
+            raise PlanError(f"`labels` applies to classification; the base model ({family.__name__}) generates "
+                            "text. Leave `labels` unset")
+    elif plan.labels is None:
         plan = plan.replace(labels=data.labels)
     elif unknown := sorted(set(data.labels) - set(plan.labels)):
         raise DataError(f"the data has label(s) {', '.join(map(repr, unknown))} that the plan's `labels` "
@@ -577,14 +654,23 @@ def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
         raise DataError("a deletion needs at least one id or subject")
 
 
-def _check_texts(texts: Sequence[str]) -> list[str]:
+def _check_texts(texts: Sequence[str], *, name: str = "texts") -> list[str]:
     if isinstance(texts, str):
-        raise DataError("`texts` must be a list of strings, not a single string; wrap it: [text]")
+        raise DataError(f"`{name}` must be a list of strings, not a single string; wrap it: [{name[:-1]}]")
     texts = list(texts)
     for k, t in enumerate(texts):
         if not isinstance(t, str):
-            raise DataError(f"text {k} must be a string; got {type(t).__name__}: {t!r:.60}")
+            raise DataError(f"{name[:-1]} {k} must be a string; got {type(t).__name__}: {t!r:.60}")
     return texts
+
+
+def _check_generation(max_new_tokens: int, temperature: float, aggregation: str) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 4096:
+        raise DataError(f"`max_new_tokens` must be an int in [1, 4096]; got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100:
+        raise DataError(f"`temperature` must be a number in [0, 100] (0: greedy); got {temperature!r}")
+    if aggregation not in ("mean_proba", "mean_logprob"):
+        raise DataError(f"`aggregation` must be 'mean_proba' or 'mean_logprob'; got {aggregation!r}")
 
 
 class _progress:

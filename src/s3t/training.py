@@ -1,7 +1,8 @@
 """Top-down slice-wise training: one stage per layer group, on cumulative slices, prefix-shared.
 
-Stage i of an order π trains only layer group i's LoRA adapters and the head, on slices π1..πi; groups
-1..i-1 are loaded at the values their own stages reached and stay frozen; deeper groups are absent.
+Stage i of an order π trains only layer group i's LoRA adapters (and, for classification, the head) on
+slices π1..πi; groups 1..i-1 are loaded at the values their own stages reached and stay frozen; deeper
+groups are absent. The loss is the model family's: cross-entropy on the label, or on the completion tokens.
 A stage is named by its lineage hash, so a prefix shared by several orders (or unchanged by a deletion)
 is trained once and reused, and an interrupted run resumes where it stopped.
 """
@@ -12,13 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .backbone import Backbone
 from .cache import CacheMiss, TrunkCache
 from .environment import NumericEnvironment, pinned
 from .errors import IntegrityError
 from .lineage import epoch_order, lineage_hash, slice_digest, stage_seed
+from .models import LayeredModel
+from .records import from_payload
 from .registry import Registry
 from .store import ArtifactStore
 from .truncation import attainable_depth
@@ -42,7 +43,8 @@ class StageResult:
 class Trainer:
     """Trains and registers stage artifacts for the orders of a run."""
 
-    backbone: Backbone
+    model: LayeredModel
+    kind: str                   # the records' kind (records.KINDS): how stored content becomes model input
     registry: Registry
     store: ArtifactStore
     training: dict              # plan.training_fields(): what a stage's computation depends on
@@ -81,28 +83,36 @@ class Trainer:
         return tensors
 
     def forget(self, lineages: Sequence[str]) -> None:
-        """Drop retired artifacts' tensors from memory."""
-        for lineage in lineages:
+        """Drop retired artifacts' tensors from memory (and make serving slots that hold them reload)."""
+        gone = set(lineages)
+        for lineage in gone:
             self._tensors.pop(lineage, None)
+        for slot, held in list(self.model.slot_contents.items()):
+            if gone & set(held):
+                self.model.slot_contents.pop(slot, None)
 
     def _usable(self, lineage: str) -> bool:
         row = self.registry.artifact(lineage)
         return row is not None and self.store.verify(lineage, row["sha256"])
 
     # -- one stage ----------------------------------------------------------------------------------
-    def batch_logits(self, batch: Sequence[str], start: int) -> torch.Tensor:
-        """Logits of a training batch: cached frozen state at block `start`, then the adapted blocks above."""
-        hidden, mask = self.cache.load(batch, start)
-        return self.backbone.top(hidden, mask, start)
+    def batch_loss(self, batch: Sequence[str], start: int, targets: dict[str, int] | None) -> torch.Tensor:
+        """Loss of a training batch: cached frozen state at block `start`, then the adapted blocks above."""
+        hidden, aux = self.cache.load(batch, start, device=self.model.device)
+        y = None if targets is None else torch.tensor([targets[i] for i in batch], device=self.model.device)
+        return self.model.loss(self.model.top(hidden, aux, start), aux, y)
 
     def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
-                    targets: dict[str, int]) -> StageResult:
-        """Train layer group `stage` and the head on `ids`, on top of the `parents` stages 1..stage-1.
+                    targets: dict[str, int] | None) -> StageResult:
+        """Train layer group `stage` (and the head) on `ids`, on top of the `parents` stages 1..stage-1.
+
+        `targets` maps each id to its label's index (classification); None when the targets are part of
+        the model input (a completion's tokens).
 
         Input is each record's cached frozen hidden state at the bottom of group `stage`: the blocks
         below run no adapter at this stage, so their output is the same for every stage and order.
         """
-        bb = self.backbone
+        bb = self.model
         seed = stage_seed(lineage)
         # S3T: stage i trains group i from a fresh init. SISA (one group): every stage continues group 1.
         group = bb.groups_at(stage)
@@ -116,7 +126,7 @@ class Trainer:
                 bb.reset_group(group)
             if stage == 1:
                 bb.reset_head()
-            bb.set_depth(group, train_group=group)
+            bb.set_active(group, train_group=group)
             frozen = {g: bb.group_state(g) for g in range(1, group)}
             start = bb.group_start(group)
             optimizer = torch.optim.AdamW(bb.trainable_parameters(group), lr=self.learning_rate)
@@ -126,8 +136,7 @@ class Trainer:
                 total, count = 0.0, 0
                 for b in range(0, len(order), self.batch_size):
                     batch = order[b:b + self.batch_size]
-                    y = torch.tensor([targets[i] for i in batch])
-                    loss = F.cross_entropy(self.batch_logits(batch, start), y)
+                    loss = self.batch_loss(batch, start, targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -139,7 +148,7 @@ class Trainer:
             for g, before in frozen.items():
                 after = bb.group_state(g)
                 assert all(torch.equal(before[k], after[k]) for k in before), f"stage {stage} changed group {g}"
-            bb.set_depth(0)
+            bb.set_active(0)
             return StageResult({**bb.group_state(group), **bb.head_state()}, losses)
 
     # -- orders -------------------------------------------------------------------------------------
@@ -151,10 +160,11 @@ class Trainer:
         is called after each order is complete so the caller can switch the served set.
         """
         members, rows = self.registry.live_shard(shard)
+        records = {i: from_payload(self.kind, i, content) for i, content in rows.items()}
+        with pinned(self.environment):   # writes live records only
+            self.cache.fill(self.model, sorted(records), lambda i: records[i].model_input)
         label_index = {label: k for k, label in enumerate(self.labels)}
-        with pinned(self.environment):
-            self.cache.fill(self.backbone, sorted(rows), lambda i: rows[i][0])   # writes live records only
-        targets = {i: label_index[label] for i, (_text, label) in rows.items()}
+        targets = {i: label_index[r.label] for i, r in records.items()} if self.model.task == "classify" else None
         for order in orders:
             if not attainable_depth(order["slices"], members):
                 continue   # its first slice has no records left: never trained, never served (depth stays 0)

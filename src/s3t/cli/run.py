@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
@@ -106,6 +106,35 @@ def predict(run_dir: RunDir, texts: Annotated[Optional[list[str]], typer.Argumen
     else:
         for lab in labels:
             print(lab)
+
+
+Aggregation = Literal["mean_proba", "mean_logprob"]
+
+
+@app.command()
+@user_errors
+def generate(run_dir: RunDir,
+             prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to complete.")] = None,
+             file: Annotated[Optional[Path], typer.Option(help="Read prompts from a file, one per line ('-': stdin).")] = None,
+             max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Tokens to generate at most.")] = 32,
+             temperature: Annotated[float, typer.Option(min=0.0, max=100.0, help="0: greedy; above 0: sample.")] = 0.0,
+             aggregation: Annotated[Aggregation, typer.Option(help="Average the shards' next-token probabilities or log-probabilities.")] = "mean_proba",
+             seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (same seed, same text).")] = None,
+             as_json: AsJson = False) -> None:
+    """Complete prompts with the served ensemble of a causal LM run (one token for all shards per step).
+
+    Example: s3t generate runs/lm "The minister said" --max-new-tokens 20
+    """
+    items = list(prompts or []) + (_lines(file) if file else [])
+    if not items:
+        raise S3TError("give prompts to complete as arguments or with --file")
+    result = open_run(run_dir).complete(items, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        aggregation=aggregation, seed=seed)
+    if as_json:
+        print(json.dumps({"served_version": result.served_version, "completions": list(result.texts)}, indent=2))
+    else:
+        for text in result.texts:
+            print(text.replace("\n", " "))
 
 
 @app.command()

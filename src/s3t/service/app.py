@@ -33,8 +33,9 @@ from ..errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenE
 from .auth import Token
 from .core import Service
 from .metrics import CONTENT_TYPE
-from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, HealthResponse, HeldResponse, PredictRequest,
-                     PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision, StatusResponse)
+from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
+                     HeldResponse, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision,
+                     StatusResponse)
 from .settings import ServiceSettings
 
 __all__ = ["create_app", "serve", "uvicorn_config"]
@@ -144,6 +145,13 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
         return PredictResponse(served_version=p.served_version, labels=labels, predictions=[
             {"label": label, "probabilities": dict(zip(labels, map(float, row)))}
             for label, row in zip(p.labels, p.probabilities)])
+
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["predictions"])
+    async def generate(body: GenerateRequest, _token: Predictor) -> GenerateResponse:
+        """Complete prompts with the served ensemble of a causal LM run; reports the served-set version used."""
+        g = await model.run(service.generate, body.prompts, max_new_tokens=body.max_new_tokens,
+                            temperature=body.temperature, aggregation=body.aggregation, seed=body.seed)
+        return GenerateResponse(served_version=g.served_version, completions=list(g.texts))
 
     @app.post("/v1/deletions", response_model=ReceiptOut, tags=["deletions"],
               responses={202: {"model": HeldResponse, "description": "Held for an admin's review."}})

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..batch import Batch
 from ..errors import AuthError, ConflictError, NotFoundError, RateLimitError
-from ..system import S3T, Prediction
+from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
 from .auth import Token, TokenCache, authenticate, require
@@ -177,6 +177,16 @@ class Service:
         self.metrics.predicted_texts.inc(len(texts))
         self.metrics.prediction_latency.observe(time.perf_counter() - started)
         return prediction
+
+    def generate(self, prompts: Sequence[str], **settings) -> Generation:
+        started = time.perf_counter()
+        with self.model_lock:
+            generation = self.system.complete(prompts, **settings)
+        self.model_ready.set()
+        self.metrics.prediction_requests.inc()
+        self.metrics.predicted_texts.inc(len(prompts))
+        self.metrics.prediction_latency.observe(time.perf_counter() - started)
+        return generation
 
     # -- deletions ----------------------------------------------------------------------------------
     def delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),

@@ -1,7 +1,7 @@
 """Request and response schemas of the HTTP API (they are its OpenAPI document).
 
-Hard limits per request: 256 texts of at most 10,000 characters; 1,000 ids + subjects of at most 512
-characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
+Hard limits per request: 256 texts of at most 10,000 characters; 16 prompts and 256 new tokens; 1,000 ids
++ subjects of at most 512 characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints, model_validator
 
-__all__ = ["PredictRequest", "PredictResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
+__all__ = ["PredictRequest", "PredictResponse", "GenerateRequest", "GenerateResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
            "HealthResponse",
            "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
 
 MAX_TEXTS = 256
+MAX_PROMPTS = 16          # generation runs the model once per new token: fewer prompts per request
+MAX_NEW_TOKENS = 256
 MAX_TEXT_CHARS = 10_000
 MAX_ITEMS = 1_000
 MAX_ID_CHARS = 512        # the registry's column width
@@ -42,6 +44,20 @@ class _Strict(BaseModel):
 
 class PredictRequest(_Strict):
     texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS, description="Texts to classify.")
+
+
+class GenerateRequest(_Strict):
+    prompts: list[Text] = Field(min_length=1, max_length=MAX_PROMPTS, description="Prompts to complete.")
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate at most.")
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0: greedy decoding; above 0: sampling.")
+    aggregation: Literal["mean_proba", "mean_logprob"] = Field(
+        default="mean_proba", description="Average the shards' next-token probabilities or log-probabilities.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Seed for sampling.")
+
+
+class GenerateResponse(BaseModel):
+    served_version: int = Field(description="Version of the served set that produced these completions.")
+    completions: list[str]
 
 
 class PredictionOut(BaseModel):
