@@ -76,10 +76,11 @@ def test_a_quota_counts_the_requests_ahead_in_the_batch_but_not_one_rolled_back(
         with service.system.registry.transaction() as conn:
             conn.execute(insert(lineage).values(artifact=artifact, record_id=forged))
         held = Held(service.system)
-        futures = [service.submit_delete(tok, ids=[by[0, 0][0], by[0, 0][1]]),      # 2 of 4
+        # (Shard 0 is left alone, so that artifact stays served.)
+        futures = [service.submit_delete(tok, ids=[by[1, 0][0], by[1, 0][1]]),      # 2 of 4
                    service.submit_delete(tok, ids=[forged, by[1, 1][1]]),            # fails: not counted
-                   service.submit_delete(tok, ids=[by[0, 1][0], by[0, 1][1]]),       # 4 of 4
-                   service.submit_delete(tok, ids=[by[1, 0][0]])]                    # 5 > 4: refused
+                   service.submit_delete(tok, ids=[by[1, 0][2], by[1, 1][2]]),       # 4 of 4
+                   service.submit_delete(tok, ids=[by[1, 0][3]])]                    # 5 > 4: refused
         held.release()
         assert outcomes(futures) == ["applied", "IntegrityError", "applied", "RateLimitError"]
         assert "has used 4 of its 4 deletion items" in str(futures[3].exception())
