@@ -22,7 +22,9 @@ from conftest import copy_run
 from s3t.cli import app
 from servicekit import Server, make_token, worker_children
 
-pytestmark = pytest.mark.both_databases   # every test here runs against SQLite and PostgreSQL registries
+# Tests marked `both_databases` also run against a PostgreSQL registry: those whose path differs there (auth
+# and its token cache, deletions and replays, the served-set switch, shared rate limits, quotas, restoration
+# under the advisory training lock); the rest (validation, routing, docs) is the same code on either.
 
 
 def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:
@@ -117,6 +119,7 @@ def test_roles_are_enforced_with_403(server, tokens):
     assert server.client(tokens["deleter"]).post("/v1/predict", json={"texts": ["x"]}).status_code == 403
 
 
+@pytest.mark.both_databases
 def test_token_cli_create_list_revoke_and_the_server_refuses_at_once(server, run):
     runner = CliRunner()
     created = runner.invoke(app, ["token", "create", str(run), "--name", "cli", "--role", "predict", "--json"])
@@ -148,6 +151,7 @@ def test_token_cli_create_list_revoke_and_the_server_refuses_at_once(server, run
 
 
 # -- predictions and status -----------------------------------------------------------------------------
+@pytest.mark.both_databases
 def test_predict_returns_labels_probabilities_and_the_served_version(server, tokens):
     client = server.client(tokens["predictor"])
     version = client.get("/v1/status").json()["served_version"]
@@ -173,6 +177,7 @@ def test_status_reports_shards_capacity_and_restoration(server, tokens):
 
 
 # -- deletions ------------------------------------------------------------------------------------------
+@pytest.mark.both_databases
 def test_deletion_receipt_lookup_and_ownership(server, tokens, run):
     victim = by_cell(run)[0, 0][0]
     client = server.client(tokens["deleter"])
@@ -190,6 +195,7 @@ def test_deletion_receipt_lookup_and_ownership(server, tokens, run):
     assert again["request_id"] != receipt["request_id"]
 
 
+@pytest.mark.both_databases
 def test_idempotency_key_returns_the_same_receipt_and_refuses_another_request(server, tokens, run):
     victim = by_cell(run)[1, 0][0]
     client = server.client(tokens["deleter"])
@@ -208,6 +214,7 @@ def test_idempotency_key_returns_the_same_receipt_and_refuses_another_request(se
     assert len(ledger) == 1
 
 
+@pytest.mark.both_databases
 def test_a_prediction_after_an_acknowledged_deletion_uses_the_new_served_set(server, tokens, run):
     victim = by_cell(run)[0, 1][0]
     client = server.client(tokens["both"])
@@ -277,6 +284,7 @@ def test_unknown_routes_and_methods_are_4xx(server, tokens):
 
 
 # -- abuse controls -------------------------------------------------------------------------------------
+@pytest.mark.both_databases
 def test_rate_limit_answers_429_with_retry_after(server, run):
     slow = make_token(run, "predict", name="slow", rate=0.5)
     client = server.client(slow)
@@ -287,6 +295,7 @@ def test_rate_limit_answers_429_with_retry_after(server, run):
     assert r.json()["error"] == "RateLimitError"
 
 
+@pytest.mark.both_databases
 def test_daily_quota_counts_ids_and_subjects(server, run):
     limited = make_token(run, "delete", name="limited", quota=3)
     client = server.client(limited)
@@ -380,6 +389,7 @@ def test_public_predict_needs_no_token_but_deletions_still_do(trained_dir, tmp_p
 
 
 # -- background restoration -----------------------------------------------------------------------------
+@pytest.mark.both_databases
 def test_restoration_on_request_survives_a_kill_and_resumes(trained_dir, tmp_path):
     run_dir = copy_run(trained_dir, tmp_path / "run")
     cells = by_cell(run_dir)

@@ -1,7 +1,8 @@
 """The deletion path: no training, content erased from every file, checked lineage, all-or-nothing.
 
-Runs on SQLite and on PostgreSQL (`both_databases`); the group commit of concurrent deletions is
-tests/test_batch.py's.
+Tests marked `both_databases` also run on PostgreSQL (the deletion's reads, writes, rollback and stored
+rows, and its races with a restore); the file-level ones (shredding, crash leftovers) are the same code on
+either. The group commit of concurrent deletions is tests/test_batch.py's.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from sqlalchemy import insert, select
 
 import s3t
 from s3t.registry import lineage, records
-
-pytestmark = pytest.mark.both_databases
 
 
 @pytest.fixture
@@ -32,6 +31,7 @@ def run_bytes(system) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(system.run_dir.rglob("*")) if p.is_file())
 
 
+@pytest.mark.both_databases
 def test_delete_truncates_without_training(trained, tiny_data, no_training):
     victim = tiny_data[5]
     shard, slice_ = trained.locate([victim.id])[victim.id]
@@ -46,6 +46,7 @@ def test_delete_truncates_without_training(trained, tiny_data, no_training):
     assert receipt.lineage_check.startswith("passed")
 
 
+@pytest.mark.both_databases
 def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     victim = tiny_data[3]
     marker = victim.text.encode()
@@ -64,6 +65,7 @@ def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
     assert marker not in run_bytes(trained), "deleted text survives in the run's files"
 
 
+@pytest.mark.both_databases
 def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
     subject = tiny_data[0].subject
     owned = {r.id for r in tiny_data if r.subject == subject}
@@ -80,6 +82,7 @@ def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
         assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
 
 
+@pytest.mark.both_databases
 def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):
     """If the stored lineage says a served artifact saw the record, the deletion must not be acknowledged."""
     version, components = trained.served()
@@ -95,6 +98,7 @@ def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):
     assert trained.receipts() == []
 
 
+@pytest.mark.both_databases
 def test_deletion_racing_a_restore_is_never_served(trained, tiny_data):
     """A record deleted while restore() trains on it: that result is discarded, not served."""
     first, second = tiny_data[1].id, tiny_data[2].id
@@ -160,6 +164,7 @@ def test_retired_stages_left_by_a_crash_after_commit_are_shredded_by_the_next_re
         assert trained.registry.artifacts_that_saw(conn, [victim.id]) == set()
 
 
+@pytest.mark.both_databases
 def test_a_stage_registered_after_its_record_was_deleted_is_retired(trained, tiny_data):
     # A restore trains from a snapshot; a deletion of one of the stage's records commits before the
     # stage is registered. The registration must see it and retire the stage; restore leaves it unserved.
