@@ -132,9 +132,10 @@ async def load(port: int, token: str, pool: list[str], clients: int, seconds: fl
 
 
 def measure(server, token: str, pool: list[str], clients: int, seconds: float, label: str,
-            db_pids: list[int]) -> dict:
+            postmaster: int | None) -> dict:
     asyncio.run(load(server.port, token, pool, min(clients, 8), 0.5, f"warm-{label}"))   # warm connections
     server_pids = tree(server.proc.pid)
+    db_pids = tree(postmaster) if postmaster else []   # after the warm-up: the server's backends exist
     before = (time.process_time(), cpu_seconds(server_pids), cpu_seconds(db_pids))
     figures = asyncio.run(load(server.port, token, pool, clients, seconds, label))
     after = (time.process_time(), cpu_seconds(server_pids), cpu_seconds(db_pids))
@@ -192,8 +193,8 @@ def main() -> None:
                 print(f"{database}: run of {args.records} records built in {time.perf_counter() - started:.0f} s, "
                       f"{len(pool)} ids to delete", flush=True)
                 token = make_token(run_dir, "delete", "metrics", name="bench", rate=1e9, quota=10**9)
-                db_pids = tree(int((pg_folder / "cluster" / "data" / "postmaster.pid").read_text().split()[0])) \
-                    if database == "postgresql" and pg_folder else []
+                postmaster = (int((pg_folder / "cluster" / "data" / "postmaster.pid").read_text().split()[0])
+                              if database == "postgresql" and pg_folder else None)
                 modes = [("per-request commit", "1", "off"), ("group commit", "256", "off")]
                 for mode, max_batch, guard in modes + [("group commit, guard on", "256", "hold")]:
                     counts = args.clients if guard == "off" else [args.guard_clients]
@@ -208,7 +209,7 @@ def main() -> None:
                                 break
                             b0 = batches_seen(server, token)
                             figures = measure(server, token, pool, clients, args.seconds,
-                                              f"{database}-{max_batch}-{guard}-{clients}", db_pids)
+                                              f"{database}-{max_batch}-{guard}-{clients}", postmaster)
                             b1 = batches_seen(server, token)
                             figures["mean_batch"] = round((b1[1] - b0[1]) / max(1, b1[0] - b0[0]), 1)
                             point = {"database": database, "mode": mode, "clients": clients} | figures

@@ -401,12 +401,17 @@ class DeletionQueue:
                        tokens=[t for r in requests for t in r.hints[2]])
         for r in requests:
             mark = batch._mark()
+            # A savepoint per request, in SQL (SQLAlchemy's begin_nested compiles one per call: a hot path).
+            conn.exec_driver_sql("SAVEPOINT s3t_request")
             try:
-                with conn.begin_nested():
-                    r.outcome = (True, r.work(batch))
+                r.outcome = (True, r.work(batch))
             except Exception as exc:   # rolled back to its savepoint: the others go on
+                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT s3t_request")
+                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
                 batch._rewind(mark)
                 r.outcome = (False, exc)
+            else:
+                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
         batch.flush()
         # Shred derived copies before the commit, and hold them off until it is done (module docstring).
         if batch.erased:
