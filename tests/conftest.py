@@ -1,10 +1,15 @@
-"""Shared fixtures: a 2-block cut of the embedded MiniLM and small synthetic data, so tests stay fast.
+"""Shared fixtures: a 2-block cut of the embedded MiniLM, a tiny random ViT and small synthetic texts and
+images, so tests stay fast. `case` runs a test once per classifying family (text encoder, image encoder).
 
-Databases: runs are SQLite in their folder unless a module is marked `both_databases`
-(`pytestmark = pytest.mark.both_databases`), whose tests then also run on PostgreSQL, each run in a
-schema of its own. The server is S3T_TEST_POSTGRES_URL's (`.ci/run` starts one), or else one this
-session starts in a temp folder (tests/postgres.py) when PostgreSQL's binaries are installed; with
-neither, or with S3T_TEST_POSTGRES=off, the PostgreSQL cases are skipped and say why.
+S3T_TEST_DEVICE=cuda runs the plans of these fixtures on the GPU (benchmarks/gpu_check.py does); by default
+they run on the CPU whatever the machine has, so the suite's bits do not depend on it.
+
+Databases: runs are SQLite in their folder unless a test is marked `both_databases` (or parametrizes
+`database` itself), which then also runs on PostgreSQL, each run in a schema of its own; on the text
+family only (an image run's registry path is the same). The server is S3T_TEST_POSTGRES_URL's (`.ci/run`
+starts one), or else one this session starts in a temp folder (tests/postgres.py) when PostgreSQL's
+binaries are installed; with neither, or with S3T_TEST_POSTGRES=off, the PostgreSQL cases are skipped and
+say why.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import postgres  # noqa: E402  (tests/postgres.py)
 import s3t  # noqa: E402
 from s3t import datasets  # noqa: E402
 
+TEST_DEVICE = os.environ.get("S3T_TEST_DEVICE", "cpu")
 DATABASES = ("sqlite", "postgresql")
 
 
@@ -102,6 +108,18 @@ def database(request) -> Database:
     return Database(kind)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """PostgreSQL variants run on the text family only: deselect their image cases."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        image = "image" in (params.get("case"), params.get("trained_case"))
+        (drop if image and params.get("database") == "postgresql" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A local Hugging Face folder: the embedded MiniLM-L6 cut to its first 2 blocks."""
@@ -123,12 +141,54 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_plan(tiny_model) -> s3t.Plan:
     """Two shards, two slices (one block each), both orders: every path of the method, in seconds."""
     return s3t.Plan(num_shards=2, num_slices=2, budget=2, epochs=2, max_length=24, batch_size=8,
-                    learning_rate=5e-3, base_model=tiny_model, seed=0)
+                    learning_rate=5e-3, base_model=tiny_model, seed=0, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
 def tiny_data() -> s3t.Dataset:
     return datasets.synthetic(96, num_labels=3, num_subjects=24, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """A random 4-block ViT (hidden 32, 16 px RGB in 4 px patches) with an image-processor config that resizes
+    the 20 px synthetic images to 16 px and normalises with its own mean and std."""
+    from tiny_models import save_tiny_vit
+
+    return str(save_tiny_vit("vit", tmp_path_factory.mktemp("tiny-vit"), layers=4, image_size=16, patch=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_image_plan(tiny_vit) -> s3t.Plan:
+    """The tiny plan's layout on the ViT: two shards, two slices of one block each (the top 2 of 4), both orders."""
+    return s3t.Plan(num_shards=2, num_slices=2, budget=2, blocks_per_slice=1, epochs=2, batch_size=8,
+                    learning_rate=5e-3, base_model=tiny_vit, seed=0, num_threads=1, device=TEST_DEVICE)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_data() -> s3t.Dataset:
+    return datasets.synthetic_images(96, num_labels=3, num_subjects=24, seed=1)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One classifying family's tiny setting: its plan, its data and inputs to predict (records' and unseen ones)."""
+
+    family: str
+    plan: s3t.Plan
+    data: s3t.Dataset
+    probe: list
+
+
+@pytest.fixture(params=["text", "image"])
+def case(request) -> Case:
+    if request.param == "text":
+        plan, data = request.getfixturevalue("tiny_plan"), request.getfixturevalue("tiny_data")
+        unseen = ["an unseen text about nothing in particular"]
+    else:
+        plan, data = request.getfixturevalue("tiny_image_plan"), request.getfixturevalue("tiny_image_data")
+        unseen = [datasets.synthetic_images(1, seed=99)[0].image]
+    return Case(request.param, plan, data, list(data.inputs[:20]) + unseen)
 
 
 @pytest.fixture
@@ -170,4 +230,25 @@ def trained(trained_dir, tmp_path) -> s3t.S3T:
     """A private copy of the trained tiny run."""
     system = s3t.S3T.open(copy_run(trained_dir, tmp_path / "copy"))
     yield system
+    system.close()
+
+
+@pytest.fixture(scope="session")
+def trained_image_dir(tmp_path_factory, tiny_image_plan, tiny_image_data) -> Path:
+    """A trained tiny ViT run, read-only for tests."""
+    path = tmp_path_factory.mktemp("trained-image") / "run"
+    system = s3t.S3T.create(path, tiny_image_plan, tiny_image_data)
+    system.train(progress=False)
+    system.close()
+    return path
+
+
+@pytest.fixture(params=["text", "image"])
+def trained_case(request, tmp_path, database) -> tuple[s3t.S3T, s3t.Dataset]:
+    """(a private copy of a trained tiny run, its data), once per classifying family (the text run on the
+    test's database; the image run on SQLite, see `pytest_collection_modifyitems`)."""
+    source, data = (("trained_dir", "tiny_data") if request.param == "text" else
+                    ("trained_image_dir", "tiny_image_data"))
+    system = s3t.S3T.open(copy_run(request.getfixturevalue(source), tmp_path / "copy"))
+    yield system, request.getfixturevalue(data)
     system.close()

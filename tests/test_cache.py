@@ -9,27 +9,32 @@ import pytest
 import torch
 
 from s3t.cache import CACHE_DIR, CacheMiss, TrunkCache, cache_key, erase_records
+from s3t.environment import pinned
 
 
-def test_cached_value_equals_the_record_computed_alone(trained, tiny_data):
+def test_cached_value_equals_the_record_computed_alone(trained_case):
+    trained, tiny_data = trained_case
     trainer = trained.trainer
     bb, cache = trainer.model, trainer.cache
     rid = tiny_data[0].id
-    cache.fill(bb, [r.id for r in tiny_data], lambda i: tiny_data.get(i).text)
+    cache.fill(bb, [r.id for r in tiny_data], lambda i: tiny_data.get(i).model_input)
     bb.set_active(0)
-    batch = bb.prepare([tiny_data[0].text])
+    batch = bb.prepare([tiny_data[0].model_input])
     for boundary in cache.boundaries:
-        with torch.no_grad():
+        with torch.no_grad(), pinned(trainer.environment):   # the run's thread count, as the fill runs with
             alone = bb.run_blocks(bb.embed(batch), batch, 0, boundary)[0]
         cached, aux = cache.load([rid], boundary)
         assert torch.equal(cached[0], alone)
-        assert torch.equal(aux["attention_mask"][0], batch["attention_mask"][0])
+        assert set(aux) == set(bb.aux_fields)
+        for field in bb.aux_fields:
+            assert torch.equal(aux[field][0], batch[field][0])
 
 
-def test_cache_is_shredded_on_deletion(trained, tiny_data):
+def test_cache_is_shredded_on_deletion(trained_case):
+    trained, tiny_data = trained_case
     cache = trained.trainer.cache
     rid = tiny_data[4].id
-    cache.fill(trained.trainer.model, [rid], lambda i: tiny_data.get(i).text)
+    cache.fill(trained.trainer.model, [rid], lambda i: tiny_data.get(i).model_input)
     assert cache.missing([rid]) == []
     trained.delete(ids=[rid])
     assert cache.missing([rid]) == [rid]

@@ -1,7 +1,10 @@
-"""The numeric environment (s3t.environment): the thread count is pinned per run, and stages trained on
-another numeric stack are never spliced into an order trained on this one."""
+"""The numeric environment (s3t.environment): the thread count is pinned per run, the device (with the GPU's
+name and compute capability) and dtype are recorded, and stages trained on another numeric stack are never
+spliced into an order trained on this one."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -102,3 +105,63 @@ def test_environment_fingerprint_names_every_field():
     assert env.fingerprint != environment.current(threads=1).fingerprint
     assert env.differences(environment.current(threads=1)) == ["threads: 2 -> 1"]
     assert set(env.to_dict()) == {"torch", "transformers", "peft", "device", "cpu_capability", "dtype", "threads"}
+
+
+# -- devices and dtypes ----------------------------------------------------------------------------
+def test_device_and_dtype_are_recorded_and_change_the_fingerprint(monkeypatch):
+    cpu = environment.current(threads=1)
+    assert (cpu.device, cpu.dtype) == ("cpu", "float32")
+    bf16 = environment.current(threads=1, dtype="bfloat16")
+    assert bf16.fingerprint != cpu.fingerprint and cpu.differences(bf16) == ["dtype: float32 -> bfloat16"]
+    # a GPU is named with its model and compute capability: stages from an H100 never pass for an A100's
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    environment._device_name.cache_clear()
+    try:
+        gpu = environment.current(threads=1, device="cuda")
+    finally:
+        environment._device_name.cache_clear()
+    assert gpu.device == "cuda NVIDIA H100 80GB HBM3 sm_90" and gpu.fingerprint != cpu.fingerprint
+
+
+def test_device_resolution(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert environment.resolve_device("auto") == environment.resolve_device("cpu") == "cpu"
+    with pytest.raises(s3t.PlanError, match=r"`device` = 'cuda', but this process sees no CUDA device"):
+        environment.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert environment.resolve_device("auto") == environment.resolve_device("cuda") == "cuda"
+    assert environment.resolve_device("cpu") == "cpu"
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")   # set by `import s3t.models` at the latest
+
+
+def test_pinned_turns_deterministic_algorithms_on_for_cuda_only_and_back_off():
+    cpu = environment.current(threads=1)
+    cuda = dataclasses.replace(cpu, device="cuda NVIDIA X sm_90")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with environment.pinned(cpu):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with environment.pinned(cuda):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_bfloat16_runs_are_bit_identical_and_never_pass_for_float32_ones(make_run, tiny_image_plan, tiny_image_data,
+                                                                          tiny_plan, tiny_data):
+    """bf16 on the CPU: two runs with the same plan give the same bits (text encoder and ViT); a float32 run of
+    the same data has other lineages (the dtype is in the environment) and other weights."""
+    for family, plan, data in (("image", tiny_image_plan, tiny_image_data), ("text", tiny_plan, tiny_data)):
+        plan = plan.replace(dtype="bfloat16", num_threads=1, epochs=1)
+        a = make_run(plan, data, name=f"{family}-a").train(progress=False)
+        torch.manual_seed(5)
+        b = make_run(plan, data, name=f"{family}-b").train(progress=False)
+        assert a.environment().dtype == "bfloat16" and a.trainer.model.model.dtype == torch.bfloat16
+        assert a.served()[1] == b.served()[1]
+        assert_same_model(a, b, a.served()[1], list(data.inputs[:8]))
+        fp32 = make_run(plan.replace(dtype="float32"), data, name=f"{family}-fp32").train(progress=False)
+        ta, tf = artifacts_of(a), artifacts_of(fp32)
+        assert ta and not ta.keys() & tf.keys()
+        assert all(t.dtype == torch.float32 for tensors in ta.values() for t in tensors.values())   # adapters, head
+        assert not np.array_equal(a.predict_proba(list(data.inputs[:8])), fp32.predict_proba(list(data.inputs[:8])))

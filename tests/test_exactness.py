@@ -1,6 +1,7 @@
 """The exactness contract, bit for bit: after deletions the served model IS the model a from-scratch
 training on the reduced data produces (truncated the same way), and after restore() it is that
-training's full-depth model. Compared with torch.equal / numpy.array_equal, never closeness."""
+training's full-depth model. Compared with torch.equal / numpy.array_equal, never closeness. The suites that
+take `case` run for every classifying family: the text encoder and the ViT (images)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from s3t.environment import pinned
 from s3t.inference import aggregate, shard_logits
 
 # The contract holds whichever database keeps the registry: the full cycle (deletions, then restore, each
@@ -24,7 +26,8 @@ def served_tensors(system, components):
 
 
 def assert_same_model(a, b, components, texts):
-    """`b`'s own artifacts for `components` equal `a`'s, and so do the resulting probabilities."""
+    """`b`'s own artifacts for `components` equal `a`'s, and so do the resulting probabilities (of `texts`: the
+    runs' model inputs, texts or images)."""
     ta, tb = served_tensors(a, components), served_tensors(b, components)
     assert ta.keys() == tb.keys() and ta
     for lineage in ta:
@@ -32,14 +35,15 @@ def assert_same_model(a, b, components, texts):
         for name in ta[lineage]:
             assert torch.equal(ta[lineage][name], tb[lineage][name]), (lineage, name)
     pa = a.predict_proba(texts)
-    logits_b = shard_logits(b.trainer.model, components, texts, load=b.trainer.load, batch_size=64)
+    with pinned(b.trainer.environment):   # the run's thread count, as predict_proba runs with
+        logits_b = shard_logits(b.trainer.model, components, texts, load=b.trainer.load, batch_size=64)
     assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
 
 
 @pytest.mark.parametrize("method,database", [("s3t", "sqlite"), ("sisa", "sqlite"), ("s3t", "postgresql")],
                          indirect=["database"])
-def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, database, make_run, tiny_plan, tiny_data):
-    tiny_plan = tiny_plan.replace(method=method)
+def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, database, make_run, case):
+    tiny_plan, tiny_data = case.plan.replace(method=method), case.data
     trained = make_run(tiny_plan, tiny_data, name="trained").train(progress=False)
     rng = random.Random(7)
     deleted = rng.sample(list(tiny_data.ids), 3)
@@ -53,7 +57,7 @@ def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, dat
     fresh = make_run(tiny_plan, tiny_data.without(deleted), name="fresh")
     fresh.train(progress=False)
 
-    texts = list(tiny_data.texts[:20]) + ["an unseen text about nothing in particular"]
+    texts = case.probe
     _, truncated = trained.served()
     assert any(c["depth"] < tiny_plan.num_slices for c in truncated), "the deletions should truncate something"
     assert_same_model(trained, fresh, truncated, texts)
@@ -79,13 +83,13 @@ def test_served_model_differs_from_undeleted_model(trained, trained_dir, tiny_da
     original.close()
 
 
-def test_same_lineage_trains_to_identical_bits(make_run, tiny_plan, tiny_data):
-    a = make_run(tiny_plan, tiny_data, name="a").train(progress=False)
+def test_same_lineage_trains_to_identical_bits(make_run, case):
+    a = make_run(case.plan, case.data, name="a").train(progress=False)
     torch.manual_seed(999)
-    b = make_run(tiny_plan, tiny_data, name="b").train(progress=False)
+    b = make_run(case.plan, case.data, name="b").train(progress=False)
     components = a.served()[1]
     assert components == b.served()[1]
-    assert_same_model(a, b, components, list(tiny_data.texts[:8]))
+    assert_same_model(a, b, components, case.probe[:8])
 
 
 def test_deleting_every_record_of_a_label_equals_fresh_training_with_the_same_plan(make_run, tiny_plan, tiny_data):

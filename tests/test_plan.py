@@ -145,6 +145,19 @@ def test_labels_are_checked(labels, match) -> None:
         Plan(labels=labels)
 
 
+def test_device_and_dtype_are_choices_that_enter_lineage_through_the_environment() -> None:
+    assert (Plan().device, Plan().dtype) == ("auto", "float32")
+    with pytest.raises(PlanError, match=r"`device` must be one of 'auto', 'cpu', 'cuda'; got 'gpu'"):
+        Plan(device="gpu")
+    with pytest.raises(PlanError, match=r"`dtype` must be one of 'float32', 'bfloat16'; got 'float16'"):
+        Plan(dtype="float16")
+    plan = Plan(device="cuda", dtype="bfloat16")
+    assert Plan.from_json(plan.to_json()) == plan and repr(plan) == "Plan(device='cuda', dtype='bfloat16')"
+    # not training fields: the numeric environment carries the device actually used and the dtype (so lineages
+    # of float32 CPU runs are those they were before these settings existed)
+    assert plan.training_fields(6) == Plan().training_fields(6)
+
+
 def test_num_threads_is_a_positive_int_or_none() -> None:
     assert Plan(num_threads=1).num_threads == 1 and Plan().num_threads is None
     with pytest.raises(PlanError, match=r"`num_threads` must be an int >= 1 or None; got 0"):

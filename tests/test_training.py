@@ -1,4 +1,5 @@
-"""Training stages: isolation between layer groups, blocks chosen by index, LoRA really learns."""
+"""Training stages: isolation between layer groups, blocks chosen by index, LoRA really learns (text encoder
+and ViT alike: the tests taking `trained_case` run once per classifying family)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 import s3t
 from s3t.lineage import epoch_order
+from s3t.records import from_payload
 
 
 def test_groups_are_selected_by_block_index_top_down(tiny_model):
@@ -25,11 +27,13 @@ def _stage_inputs(trained, shard):
     """The shard's live members and label targets, with the trunk cache filled for them."""
     trainer = trained.trainer
     members, rows = trained.registry.live_shard(shard)
-    trainer.cache.fill(trainer.model, sorted(rows), lambda i: rows[i][0].decode())
-    return members, {i: trained.labels.index(rows[i][1].decode()) for i in rows}
+    records = {i: from_payload(trainer.kind, i, content) for i, content in rows.items()}
+    trainer.cache.fill(trainer.model, sorted(records), lambda i: records[i].model_input)
+    return members, {i: trained.labels.index(r.label) for i, r in records.items()}
 
 
-def test_stage_changes_only_its_group_and_head(trained):
+def test_stage_changes_only_its_group_and_head(trained_case):
+    trained, _data = trained_case
     trainer = trained.trainer
     order = trained.registry.orders(shards=[0])[0]
     members, targets = _stage_inputs(trained, 0)
@@ -51,7 +55,8 @@ def test_stage_changes_only_its_group_and_head(trained):
     bb.set_active(0)
 
 
-def test_lora_trains_and_loss_falls(trained):
+def test_lora_trains_and_loss_falls(trained_case):
+    trained, _data = trained_case
     trainer = trained.trainer
     _, targets = _stage_inputs(trained, 1)
     trainer.epochs = 6

@@ -1,8 +1,9 @@
-"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing.
+"""The deletion path: no training, content erased from every file, checked lineage, all-or-nothing (the tests
+taking `trained_case` run once per classifying family: texts and images).
 
-Tests marked `both_databases` also run on PostgreSQL (the deletion's reads, writes, rollback and stored
-rows, and its races with a restore); the file-level ones (shredding, crash leftovers) are the same code on
-either. The group commit of concurrent deletions is tests/test_batch.py's.
+Tests marked `both_databases` also run on PostgreSQL, with the text family (the deletion's reads, writes,
+rollback and stored rows, and its races with a restore); the file-level ones (shredding, crash leftovers)
+are the same code on either. The group commit of concurrent deletions is tests/test_batch.py's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import insert, select
 
 import s3t
+from s3t.records import payload
 from s3t.registry import lineage, records
 
 
@@ -32,7 +34,8 @@ def run_bytes(system) -> bytes:
 
 
 @pytest.mark.both_databases
-def test_delete_truncates_without_training(trained, tiny_data, no_training):
+def test_delete_truncates_without_training(trained_case, no_training):
+    trained, tiny_data = trained_case
     victim = tiny_data[5]
     shard, slice_ = trained.locate([victim.id])[victim.id]
     before = {o["position"]: o["depth"] for o in trained.registry.orders(shards=[shard])}
@@ -47,12 +50,13 @@ def test_delete_truncates_without_training(trained, tiny_data, no_training):
 
 
 @pytest.mark.both_databases
-def test_deleted_content_leaves_every_file(trained, tiny_data, no_training):
+def test_deleted_content_leaves_every_file(trained_case, no_training):
+    trained, tiny_data = trained_case
     victim = tiny_data[3]
-    marker = victim.text.encode()
-    assert sum(r.text == victim.text for r in tiny_data) == 1
+    marker = payload(victim)[0]   # the text, or the image file's bytes
+    assert sum(r.model_input == victim.model_input for r in tiny_data) == 1
     shard, _ = trained.locate([victim.id])[victim.id]
-    assert trained.registry.live_shard(shard)[1][victim.id][0] == victim.text.encode()   # stored, sealed
+    assert trained.registry.live_shard(shard)[1][victim.id][0] == marker   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
     with trained.registry.engine.connect() as conn:   # on any database: only ciphertext in the row
         stored = conn.execute(select(records.c.input).where(records.c.id == victim.id)).scalar_one()

@@ -1,8 +1,9 @@
-"""Tiny random causal LMs of every supported model type, with a byte-level BPE trained on BBC News text.
+"""Tiny random causal LMs of every supported model type, with a byte-level BPE trained on BBC News text, and
+tiny random ViT-like image encoders with an image-processor config.
 
-No causal LM ships offline, so tests build their own: small configs, random weights (wider than the default
-init, so greedy decoding is far from ties), saved with `save_pretrained`. The BPE is trained here in about a
-second: byte-level, so any text round-trips.
+No causal LM or ViT ships offline, so tests build their own: small configs, random weights (wider than the
+default init, so greedy decoding is far from ties), saved with `save_pretrained`. The BPE is trained here in
+about a second: byte-level, so any text round-trips.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 SPECIALS = ("<pad>", "<s>", "</s>")   # ids 0, 1, 2
 PAD, BOS, EOS = 0, 1, 2
 DECODERS = ("gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3")
+VISION = ("deit", "dinov2", "dinov2_with_registers", "ijepa", "pixio", "vit", "vit_msn")
 
 
 def bbc_texts(limit: int | None = None) -> list[str]:
@@ -76,4 +78,23 @@ def save_tiny(model_type: str, folder: Path, tokenizer, *, layers: int = 3, hidd
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_vit(model_type: str, folder: Path, *, layers: int = 4, hidden: int = 32, image_size: int = 16,
+                  patch: int = 4, seed: int = 0, processor: bool = True, **overrides) -> Path:
+    """A randomly initialised ViT-like encoder of `model_type` (RGB, `image_size` px, `patch` px patches), saved
+    with an image-processor config that resizes to `image_size` (unless `processor` is False)."""
+    from transformers import CONFIG_MAPPING, AutoModel, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = CONFIG_MAPPING[model_type](hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                        intermediate_size=2 * hidden, image_size=image_size, patch_size=patch,
+                                        num_channels=3, **overrides)
+    model = AutoModel.from_config(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if processor:   # the PIL backend: torchvision is not installed here
+        ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.4, 0.5, 0.6],
+                          image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
     return folder

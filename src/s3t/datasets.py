@@ -1,4 +1,4 @@
-"""Ready-made datasets: the bundled BBC News articles and small synthetic data for tests and benchmarks."""
+"""Ready-made datasets: the bundled BBC News articles and small synthetic texts and images for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import random
 from pathlib import Path
 
 from s3t.errors import DataError
-from s3t.records import Dataset, Record
+from s3t.records import Dataset, ImageRecord, Record
 
-__all__ = ["bbc_news", "synthetic"]
+__all__ = ["bbc_news", "synthetic", "synthetic_images"]
 
 
 @functools.cache  # a Dataset is immutable, so one copy per process can be shared
@@ -101,3 +101,48 @@ def _topic(label: int) -> list[str]:
         return list(_TOPIC_WORDS[start:start + _WORDS_PER_TOPIC])
     # More labels than written topics: invented words, still unique to the label.
     return [f"topic{label}word{j}" for j in range(_WORDS_PER_TOPIC)]
+
+
+# Class k of synthetic_images draws shape k % 4 in colour k % 6 (classes 0..23 are all distinct).
+_SHAPES = ("square", "disc", "triangle", "cross")
+_COLOURS = ((220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 30), (200, 60, 200), (40, 200, 210))
+
+
+def synthetic_images(n: int, *, num_labels: int = 3, num_subjects: int | None = None, size: int = 20,
+                     seed: int = 0) -> Dataset:
+    """A deterministic labelled image set: record i (id `img-<i>`, label `label-<i mod num_labels>`) is a
+    `size` x `size` RGB picture of its class's shape in its class's colour, at a random place and scale, on a
+    noisy grey background. Subjects are dealt as in `synthetic`. Images are stored as PNG bytes."""
+    import numpy as np
+
+    from s3t.images import encode_png
+
+    for name, value, low in (("n", n, 1), ("num_labels", num_labels, 2), ("size", size, 8), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"`{name}` must be an int >= {low}; got {value!r}.")
+    if num_labels > len(_SHAPES) * len(_COLOURS):
+        raise DataError(f"`num_labels` must be at most {len(_SHAPES) * len(_COLOURS)}; got {num_labels}.")
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    subjects: list[str | None] = [None] * n
+    if num_subjects is not None:
+        dealt = [i % num_subjects for i in range(n)]
+        rng.shuffle(dealt)
+        subjects = [f"user-{k}" for k in dealt]
+    yy, xx = np.mgrid[0:size, 0:size]
+    records = []
+    for i in range(n):
+        label = i % num_labels
+        half = rng.uniform(0.2, 0.35) * size
+        cy, cx = (rng.uniform(half, size - half) for _ in range(2))
+        dy, dx = yy - cy, xx - cx
+        mask = {"square": (abs(dy) <= half) & (abs(dx) <= half),
+                "disc": dy ** 2 + dx ** 2 <= half ** 2,
+                "triangle": (dy <= half) & (dy >= -half) & (abs(dx) <= (dy + half) / 2),
+                "cross": ((abs(dy) <= half / 3) & (abs(dx) <= half)) | ((abs(dx) <= half / 3) & (abs(dy) <= half)),
+                }[_SHAPES[label % len(_SHAPES)]]
+        pixels = noise.integers(90, 150, size=(size, size, 3))
+        pixels[mask] = np.array(_COLOURS[label % len(_COLOURS)]) + noise.integers(-20, 21, size=(int(mask.sum()), 3))
+        records.append(ImageRecord(id=f"img-{i}", image=encode_png(pixels.clip(0, 255).astype(np.uint8)), label=f"label-{label}",
+                                   subject=subjects[i]))
+    return Dataset(records)

@@ -23,9 +23,11 @@ from typing import Any, Literal, Mapping, get_args
 
 from s3t.errors import PlanError
 
-__all__ = ["Plan", "Selection", "Aggregation", "Placement", "Method"]
+__all__ = ["Plan", "Selection", "Aggregation", "Placement", "Method", "Device", "DType"]
 
 Method = Literal["s3t", "sisa"]
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "bfloat16"]
 Selection = Literal["cyclic", "bms", "random"]
 Placement = Literal["hash", "prior_aware"]
 Aggregation = Literal["mean_proba", "mean_logits", "vote"]
@@ -70,6 +72,13 @@ class Plan:
     # Intra-op threads for training and inference. Bits depend on it (reductions split by thread), so it
     # is pinned: None -> fixed at create from torch's default on that machine.
     num_threads: int | None = None
+    # Where the model runs: "auto" = CUDA when this process has it, else the CPU. Resolved per process (a run
+    # trained on a GPU can be served from a CPU); the device actually used is part of the numeric environment,
+    # so stages trained on different devices get different lineages and are never mixed in one order.
+    device: Device = "auto"
+    # The frozen model's weights and activations ("bfloat16": half the memory; adapters and heads stay float32).
+    # Exact within one numeric environment, of which it is part (so a bf16 stage never passes for a float32 one).
+    dtype: DType = "float32"
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalised values are written with object.__setattr__.
@@ -115,6 +124,8 @@ class Plan:
             put("base_model", _base_model(self.base_model))
         if self.labels is not None:
             put("labels", _labels(self.labels))
+        _choice("device", self.device, get_args(Device))
+        _choice("dtype", self.dtype, get_args(DType))
         if self.num_threads is not None:
             put("num_threads", _int("num_threads", self.num_threads, low=1, or_none=True,
                                     fix="Use None to take torch's default on the machine that creates the run."))
@@ -153,8 +164,9 @@ class Plan:
         """The settings that change what one training stage computes, as JSON-ready values.
 
         Sharding, budget, order selection and aggregation only decide *which* stages run, the base model
-        enters lineage through its own content digest and the thread count through the numeric
-        environment (`s3t.environment`), so they are left out.
+        enters lineage through its own content digest and the thread count, device and dtype through the
+        numeric environment (`s3t.environment`), so they are left out (and lineages of float32 runs on the
+        CPU are the ones they were before these settings existed).
         """
         return {
             "method": self.method,

@@ -1,5 +1,5 @@
-"""Records and datasets: labelled texts with stable ids, an optional subject (the data owner) and an
-optional deletion risk (used by prior-aware placement).
+"""Records and datasets: labelled texts, labelled images or prompt/completion pairs with stable ids, an
+optional subject (the data owner) and an optional deletion risk (used by prior-aware placement).
 
 Ids are what lineage, partitioning and deletion refer to, so a `Dataset` refuses duplicate or blank ids
 up front and every error names the record or file line at fault.
@@ -22,11 +22,12 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from s3t.errors import DataError
 
-__all__ = ["Record", "PromptRecord", "Dataset", "check_labels", "payload", "from_payload", "KINDS"]
+__all__ = ["Record", "PromptRecord", "ImageRecord", "Dataset", "check_labels", "payload", "from_payload", "KINDS"]
 
 _OPTIONAL = ("subject", "risk")
 # csv refuses fields over 128 KiB by default, less than a long document; raised only while from_csv reads
@@ -51,6 +52,7 @@ class Record:
 
     KIND: ClassVar[str] = "text"
     CONTENT: ClassVar[tuple[str, str]] = ("text", "label")   # (model input, target) fields
+    BINARY_INPUT: ClassVar[bool] = False   # the input is stored as raw bytes, not UTF-8 text
 
     @property
     def model_input(self) -> str:
@@ -78,8 +80,32 @@ class PromptRecord:
     label = None   # nothing to classify
 
 
-AnyRecord = Record | PromptRecord
-KINDS: dict[str, type] = {cls.KIND: cls for cls in (Record, PromptRecord)}
+@dataclasses.dataclass(frozen=True, repr=False)
+class ImageRecord:
+    """One labelled image. `image` holds the bytes of a PNG or JPEG file: a path is read (its file's bytes are
+    kept as they are), an array or PIL image is encoded losslessly to PNG (see `s3t.images`)."""
+
+    id: str
+    image: bytes
+    label: str
+    subject: str | None = None
+    risk: float | None = None
+
+    KIND: ClassVar[str] = "image"
+    CONTENT: ClassVar[tuple[str, str]] = ("image", "label")
+    BINARY_INPUT: ClassVar[bool] = True
+
+    @property
+    def model_input(self) -> bytes:
+        return self.image
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k in _OPTIONAL if getattr(self, k) is not None)
+        return f"ImageRecord(id={self.id!r}, image=<{len(self.image):,} bytes>, label={self.label!r}{extra})"
+
+
+AnyRecord = Record | PromptRecord | ImageRecord
+KINDS: dict[str, type] = {cls.KIND: cls for cls in (Record, PromptRecord, ImageRecord)}
 
 
 def payload(record: AnyRecord) -> tuple[bytes, bytes]:
@@ -92,7 +118,8 @@ def from_payload(kind: str, record_id: str, content: tuple[bytes, bytes]) -> Any
     """The record of `kind` stored as `payload` gave it (without subject and risk, which are not stored)."""
     cls = KINDS[kind]
     first, second = cls.CONTENT
-    return cls(record_id, **{first: content[0].decode(), second: content[1].decode()})
+    return cls(record_id, **{first: content[0] if getattr(cls, "BINARY_INPUT", False) else content[0].decode(),
+                             second: content[1].decode()})
 
 
 def _encode(value: str | bytes) -> bytes:
@@ -102,7 +129,7 @@ def _encode(value: str | bytes) -> bytes:
 class Dataset:
     """An immutable, validated sequence of records with unique ids.
 
-    Build one from `Record`s, or with `from_records`, `from_jsonl` or `from_csv`.
+    Build one from `Record`s, or with `from_records`, `from_jsonl`, `from_csv` or `from_image_folder`.
     """
 
     __slots__ = ("_records", "_positions")
@@ -121,12 +148,15 @@ class Dataset:
 
     @classmethod
     def from_records(cls, items: Iterable[Mapping[str, Any] | Record]) -> Dataset:
-        """Build a dataset from dicts with keys id, text, label and optional subject and risk, or from `Record`s."""
+        """Build a dataset from dicts with keys id, text, label (or id, image, label, or id, prompt, completion) and
+        optional subject and risk, or from records. An `image` is a path (relative to the working folder), PNG or
+        JPEG bytes, a PIL image or a numpy array."""
         return cls._from_rows((f"records[{i}]", item) for i, item in enumerate(items))
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> Dataset:
-        """Read one JSON object per line (keys id, text, label, optional subject, risk); blank lines are skipped."""
+        """Read one JSON object per line (keys id, text, label, optional subject, risk; or id, image, label with
+        `image` a file path relative to the JSONL file's folder); blank lines are skipped."""
         name = os.fspath(path)
 
         def rows() -> Iterator[tuple[str, object]]:
@@ -141,11 +171,12 @@ class Dataset:
                                         f"(column {e.colno}). Write one JSON object per line.") from None
                     yield f"line {n} of {name}", row
 
-        return cls._from_rows(rows(), name)
+        return cls._from_rows(rows(), name, base=Path(name).parent)
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike[str]) -> Dataset:
-        """Read a CSV file whose header names id, text, label and optionally subject and risk (blank = none)."""
+        """Read a CSV file whose header names id, text, label (or id, image, label: image paths relative to the
+        CSV file's folder) and optionally subject and risk (blank = none)."""
         name = os.fspath(path)
 
         def rows() -> Iterator[tuple[str, object]]:
@@ -163,7 +194,8 @@ class Dataset:
                                    else f"has unknown column(s) {', '.join(map(repr, extra))}")
                         raise DataError(f"{name} {problem}; found columns: "
                                         f"{', '.join(map(repr, columns)) or 'none'}. The header must name id, "
-                                        "text, label (or id, prompt, completion) and optionally subject and risk.")
+                                        "text, label (or id, image, label, or id, prompt, completion) and optionally "
+                                        "subject and risk.")
                     start = reader.line_num + 1
                     for row in reader:
                         where = f"line {start} of {name}"
@@ -184,14 +216,42 @@ class Dataset:
         old_limit = csv.field_size_limit()
         csv.field_size_limit(max(old_limit, _CSV_FIELD_LIMIT))
         try:
-            return cls._from_rows(rows(), name)  # reads the whole file before returning
+            return cls._from_rows(rows(), name, base=Path(name).parent)  # reads the whole file before returning
         finally:
             csv.field_size_limit(old_limit)
 
     @classmethod
-    def _from_rows(cls, rows: Iterable[tuple[str, object]], name: str | None = None) -> Dataset:
+    def from_image_folder(cls, path: str | os.PathLike[str]) -> Dataset:
+        """Read labelled images laid out as `path/<label>/<file>` (PNG or JPEG; files in nested folders count for
+        their top folder's label). A record's id is its file's path relative to `path` (`cat/001.png`)."""
+        from .images import SUFFIXES
+
+        root = Path(path)
+        if not root.is_dir():
+            raise DataError(f"No such image folder: {os.fspath(path)!r}. Give a folder with one subfolder per label.")
+        classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"{os.fspath(path)!r} has no label subfolders; lay images out as "
+                            f"{os.fspath(path)}/<label>/<file>.png")
+
+        def rows() -> Iterator[tuple[str, object]]:
+            for folder in classes:
+                files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                               and not any(part.startswith(".") for part in f.relative_to(root).parts))
+                if not files:
+                    raise DataError(f"The label folder {os.fspath(folder)!r} holds no {'/'.join(SUFFIXES)} files; "
+                                    "remove it or add images")
+                for f in files:
+                    rel = f.relative_to(root).as_posix()
+                    yield rel, {"id": rel, "image": f, "label": folder.name}
+
+        return cls._from_rows(rows(), os.fspath(path))
+
+    @classmethod
+    def _from_rows(cls, rows: Iterable[tuple[str, object]], name: str | None = None, *,
+                   base: Path | None = None) -> Dataset:
         data = cls.__new__(cls)
-        data._records = _validate(rows, source=name)
+        data._records = _validate(rows, source=name, base=base)
         data._positions = {r.id: i for i, r in enumerate(data._records)}
         return data
 
@@ -220,12 +280,13 @@ class Dataset:
 
     def __repr__(self) -> str:
         n, k = len(self._records), len(self.labels)
-        what = f"{k} label{'s' * (k != 1)}" if self.kind == "text" else f"{self.kind} records"
+        what = f"{k} label{'s' * (k != 1)}" if self.kind != "prompt" else f"{self.kind} records"
         return f"Dataset({n} record{'s' * (n != 1)}, {what})"
 
     @property
     def kind(self) -> str:
-        """What the records hold: "text" (labelled texts) or "prompt" (prompt/completion pairs)."""
+        """What the records hold: "text" (labelled texts), "image" (labelled images) or "prompt" (prompt/completion
+        pairs)."""
         return self._records[0].KIND
 
     @property
@@ -237,6 +298,11 @@ class Dataset:
     def texts(self) -> tuple[str, ...]:
         """Texts in dataset order."""
         return tuple(r.text for r in self._records)
+
+    @property
+    def inputs(self) -> tuple:
+        """Model inputs in dataset order: texts, image bytes, or (prompt, completion) pairs."""
+        return tuple(r.model_input for r in self._records)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -325,14 +391,15 @@ def _open(name: str, *, newline: str | None = None) -> Any:
         raise DataError(f"Cannot read the data file {name!r}: {e.strerror}.") from None
 
 
-def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) -> tuple[Record, ...]:
+def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None,
+              base: Path | None = None) -> tuple[Record, ...]:
     """Check and normalise records; `rows` pairs each item with where it came from, for messages."""
     records: list[Record] = []
     seen: dict[str, str] = {}
     subject_risk: dict[str, tuple[float | None, str]] = {}
     try:
         for where, item in rows:
-            record = _record(where, item)
+            record = _record(where, item, base)
             if records and record.KIND != records[0].KIND:
                 raise DataError(f"The record at {where} holds {_shape(type(record))}, but the first record holds "
                                 f"{_shape(type(records[0]))}: a dataset holds one kind of record.")
@@ -356,14 +423,14 @@ def _validate(rows: Iterable[tuple[str, object]], *, source: str | None = None) 
     return tuple(records)
 
 
-def _record(where: str, item: object) -> AnyRecord:
+def _record(where: str, item: object, base: Path | None = None) -> AnyRecord:
     if isinstance(item, tuple(KINDS.values())):
         values: dict[str, Any] = dataclasses.asdict(item)
     elif isinstance(item, Mapping):
         values = dict(item)
     else:
-        raise DataError(f"Expected a record or a mapping with keys id, text, label (or id, prompt, completion) at "
-                        f"{where}; got {type(item).__name__}.")
+        raise DataError(f"Expected a record or a mapping with keys id, text, label (or id, image, label, or id, prompt, "
+                        f"completion) at {where}; got {type(item).__name__}.")
     cls = _kind_of(values)
     if "id" not in values:
         raise DataError(f"Missing field `id` at {where}. Each record needs an id.")
@@ -375,9 +442,14 @@ def _record(where: str, item: object) -> AnyRecord:
         raise DataError(f"Unknown field(s) {', '.join(f'`{k}`' for k in extra)} at {where}. "
                         f"A record has {_shape(cls)}.")
     first, second = cls.CONTENT
-    content = {first: _text(where, first, values[first], blank_ok=cls is PromptRecord)}
+    if cls is ImageRecord:
+        from .images import to_bytes
+
+        content = {first: to_bytes(values[first], where=where, base=base)}
+    else:
+        content = {first: _text(where, first, values[first], blank_ok=cls is PromptRecord)}
     # A label is a name (a key, like an id); a completion is free text and must not be blank.
-    content[second] = (_key(where, second, values[second]) if cls is Record
+    content[second] = (_key(where, second, values[second]) if cls is not PromptRecord
                        else _text(where, second, values[second], blank_ok=False))
     subject = values.get("subject")
     return cls(id=_key(where, "id", values["id"]), **content,
@@ -386,8 +458,10 @@ def _record(where: str, item: object) -> AnyRecord:
 
 
 def _kind_of(values: Mapping[str, Any]) -> type:
-    """The record class a mapping's fields describe: prompt/completion records, else labelled texts."""
-    return PromptRecord if "prompt" in values or "completion" in values else Record
+    """The record class a mapping's fields describe: prompt/completion records, labelled images, else labelled texts."""
+    if "prompt" in values or "completion" in values:
+        return PromptRecord
+    return ImageRecord if "image" in values else Record
 
 
 def _shape(cls: type) -> str:

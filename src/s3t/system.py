@@ -2,7 +2,7 @@
 
     system = S3T.create("runs/bbc", Plan(num_shards=2, num_slices=3), data)
     system.train()
-    system.predict(["some text"])
+    system.predict(["some text"])          # or images (paths, bytes, PIL images, arrays) for a ViT run
     receipt = system.delete(ids=["bbc-tech-001"])
     system.restore()
 """
@@ -111,6 +111,8 @@ class S3T:
         self._trainer = None
         self._deletions: DeletionQueue | None = None
         self._deletions_lock = threading.Lock()
+        self._device: str | None = None
+        self._kind: str | None = None
 
     def __repr__(self) -> str:
         return f"S3T({str(self.run_dir)!r}, {self.plan!r})"
@@ -338,13 +340,15 @@ class S3T:
             if model_digest(path) != digest:
                 raise IntegrityError(f"the base model at {path} changed since this run was created; "
                                      "its artifacts were trained on the old one: create a new run")
+            import torch
+
             p, blocks = self.plan, count_blocks(path)
             groups = p.num_slices if p.method == "s3t" else 1   # SISA: one group over every adapted block
             # One adapter slot for training, one per shard for serving them all at once (see inference).
             model = load_model(path, num_groups=groups, blocks_per_group=p.num_slices * p.blocks_for(blocks) // groups,
                                num_labels=len(self.labels) or None, max_length=p.max_length, lora_rank=p.lora_rank,
                                lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, lora_targets=p.lora_targets,
-                               slots=1 + p.num_shards)
+                               slots=1 + p.num_shards, device=self.device, dtype=getattr(torch, p.dtype))
             boundaries = [model.group_start(g) for g in range(1, groups + 1)]
             cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
@@ -357,13 +361,32 @@ class S3T:
         return self._trainer
 
     def environment(self) -> "NumericEnvironment":
-        """The numeric environment this process trains in: the run's pinned thread count on this machine's
-        stack. Stages trained in another environment have other lineages and are never reused here."""
+        """The numeric environment this process trains in: the run's pinned thread count, device and dtype on
+        this machine's stack. Stages trained in another environment have other lineages and are never reused here."""
         import torch
 
         from .environment import current
 
-        return current(threads=self.plan.num_threads or torch.get_num_threads())
+        return current(threads=self.plan.num_threads or torch.get_num_threads(), device=self.device,
+                       dtype=self.plan.dtype)
+
+    @property
+    def device(self) -> str:
+        """The device this process runs the model on ("cpu" or "cuda"): the plan's `device`, resolved here."""
+        if self._device is None:
+            from .environment import resolve_device
+
+            self._device = resolve_device(self.plan.device)
+        return self._device
+
+    @property
+    def kind(self) -> str:
+        """What the run's records and inputs are: "text", "image" or "prompt" (read from the base model's config)."""
+        if self._kind is None:
+            from .models import family_at, resolve_model_path
+
+            self._kind = family_at(resolve_model_path(self.plan.base_model)).kind
+        return self._kind
 
     def train(self, *, progress: bool = True) -> "S3T":
         """Train every order of every shard to full depth (resumes an interrupted run)."""
@@ -424,24 +447,26 @@ class S3T:
         return len(entries)
 
     # -- inference ----------------------------------------------------------------------------------
-    def predict_proba(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities (len(texts), len(labels)) from the served shards, aggregated by the plan."""
-        return self.classify(texts, batch_size=batch_size).probabilities
+    def predict_proba(self, inputs: Sequence, *, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (len(inputs), len(labels)) from the served shards, aggregated by the plan."""
+        return self.classify(inputs, batch_size=batch_size).probabilities
 
-    def classify(self, texts: Sequence[str], *, batch_size: int = 64) -> Prediction:
+    def classify(self, inputs: Sequence, *, batch_size: int = 64) -> Prediction:
         """Labels and probabilities, with the served-set version used.
 
+        `inputs` are texts, or for an image run images: file paths, PNG/JPEG bytes, PIL images or uint8 arrays
+        (each is read and encoded as a record's image is, so the same picture gives the same pixels).
         The served set is read from the registry when the call starts, so a call that starts after a
         deletion returned uses the served set that deletion chose.
         """
         from .inference import aggregate, shard_logits
 
         self._require_task("classify", "classify")
-        texts = _check_texts(texts)
+        inputs = _check_images(inputs) if self.kind == "image" else _check_texts(inputs)
         version, proba = self._with_served(
-            lambda components: aggregate(shard_logits(self.trainer.model, components, texts, load=self.trainer.load,
+            lambda components: aggregate(shard_logits(self.trainer.model, components, inputs, load=self.trainer.load,
                                                       batch_size=batch_size), self.plan.aggregation),
-            empty=np.zeros((0, len(self.labels)), dtype=np.float32) if not texts else None)
+            empty=np.zeros((0, len(self.labels)), dtype=np.float32) if not inputs else None)
         return Prediction(tuple(self.labels[k] for k in proba.argmax(axis=1)), proba, version)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -452,8 +477,8 @@ class S3T:
         log-probabilities. temperature 0 decodes greedily; above 0 samples (reproducibly with `seed`). The
         outputs of one prompt are bit-reproducible for the same batch of prompts (CPU kernels block rows).
         """
-        return self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                             aggregation=aggregation, seed=seed).texts
+        return list(self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  aggregation=aggregation, seed=seed).texts)
 
     def complete(self, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
                  aggregation: str = "mean_proba", seed: int | None = None) -> "Generation":
@@ -518,14 +543,14 @@ class S3T:
                             f"this one {'generates text' if task == 'classify' else 'classifies'}: use "
                             f"{other[self.task]}")
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> list[str]:
-        """Predicted label names."""
-        return [self.labels[k] for k in self.predict_proba(texts, batch_size=batch_size).argmax(axis=1)]
+    def predict(self, inputs: Sequence, *, batch_size: int = 64) -> list[str]:
+        """Predicted label names (of texts, or of images for an image run)."""
+        return [self.labels[k] for k in self.predict_proba(inputs, batch_size=batch_size).argmax(axis=1)]
 
     def score(self, data: Dataset) -> float:
-        """Accuracy on labelled data."""
+        """Accuracy on labelled data (texts or images, as the run classifies)."""
         check_labels(data.labels, self.labels)
-        predicted = self.predict(list(data.texts))
+        predicted = self.predict(list(data.inputs))
         return float(np.mean([p == r.label for p, r in zip(predicted, data)]))
 
     # -- unlearning ---------------------------------------------------------------------------------
@@ -629,7 +654,7 @@ def _resolve(plan: Plan, data: Dataset, family) -> Plan:
 
     if data.kind != family.kind:
         wanted = {"text": "labelled texts {id, text, label}", "prompt": "prompts and completions {id, prompt, "
-                  "completion}"}
+                  "completion}", "image": "labelled images {id, image, label}"}
         raise DataError(f"the base model ({family.__name__}) trains on {wanted.get(family.kind, family.kind)}, "
                         f"but the data holds {wanted.get(data.kind, data.kind)}")
     if family.task != "classify":
@@ -662,6 +687,15 @@ def _check_texts(texts: Sequence[str], *, name: str = "texts") -> list[str]:
         if not isinstance(t, str):
             raise DataError(f"{name[:-1]} {k} must be a string; got {type(t).__name__}: {t!r:.60}")
     return texts
+
+
+def _check_images(images: Sequence) -> list[bytes]:
+    """Images as checked PNG/JPEG bytes (paths are read; arrays and PIL images are encoded to PNG)."""
+    from .images import is_one_image, to_bytes
+
+    if is_one_image(images):
+        raise DataError("`images` must be a list of images, not a single image; wrap it: [image]")
+    return [to_bytes(image, where=f"image {k}") for k, image in enumerate(images)]
 
 
 def _check_generation(max_new_tokens: int, temperature: float, aggregation: str) -> None:

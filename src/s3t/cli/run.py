@@ -22,12 +22,15 @@ def _load_data(path: str):
 
     if path == "bbc-news":
         return bbc_news()
+    if Path(path).is_dir():
+        return Dataset.from_image_folder(path)
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return Dataset.from_jsonl(path)
     if suffix == ".csv":
         return Dataset.from_csv(path)
-    raise DataError(f"--data {path!r}: use a .jsonl or .csv file, or `bbc-news` for the bundled set")
+    raise DataError(f"--data {path!r}: use a .jsonl or .csv file, a folder of images (one subfolder per label), "
+                    "or `bbc-news` for the bundled set")
 
 
 def _lines(path: Path) -> list[str]:
@@ -59,7 +62,7 @@ def demo(run_dir: Annotated[Optional[Path], typer.Option(help="Keep the run here
 @app.command()
 @user_errors
 def train(run_dir: RunDir,
-          data: Annotated[Optional[str], typer.Option(help="Records: .jsonl or .csv with id,text,label[,subject], or `bbc-news`.")] = None,
+          data: Annotated[Optional[str], typer.Option(help="Records: .jsonl or .csv with id,text,label[,subject] (or id,image,label), a folder of images LABEL/FILE, or `bbc-news`.")] = None,
           plan: Annotated[Optional[Path], typer.Option(help="Plan TOML file (default: s3t.Plan()).")] = None,
           database_url: Annotated[Optional[str], typer.Option(help="Keep the registry in this database, e.g. postgresql+psycopg://user@host/db (default: SQLite in the run folder).")] = None,
           database_schema: Annotated[Optional[str], typer.Option(help="PostgreSQL schema of the run's tables (created if missing; one run per schema).")] = None,
@@ -87,16 +90,16 @@ def train(run_dir: RunDir,
 
 @app.command()
 @user_errors
-def predict(run_dir: RunDir, texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
-            file: Annotated[Optional[Path], typer.Option(help="Read texts from a file, one per line ('-': stdin).")] = None,
+def predict(run_dir: RunDir, texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify (image files for an image run).")] = None,
+            file: Annotated[Optional[Path], typer.Option(help="Read texts (or image paths) from a file, one per line ('-': stdin).")] = None,
             as_json: AsJson = False) -> None:
-    """Predict labels with the served ensemble.
+    """Predict labels with the served ensemble: texts, or image files for an image run.
 
     Example: s3t predict runs/news "Shares rose sharply after the results"
     """
     items = list(texts or []) + (_lines(file) if file else [])
     if not items:
-        raise S3TError("give texts to classify as arguments or with --file")
+        raise S3TError("give texts to classify (image files, for an image run) as arguments or with --file")
     system = open_run(run_dir)
     proba = system.predict_proba(items)
     labels = [system.labels[k] for k in proba.argmax(axis=1)]

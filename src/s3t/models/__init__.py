@@ -2,6 +2,8 @@
 
     encoder  BERT-like text encoders, classifying texts (mean pooling, a head per stage)
     decoder  causal LMs (gpt2, llama, mistral, qwen2/3, gemma, phi3, opt, gpt_neox), completing prompts
+    vision   ViT-like image encoders (vit, deit, vit_msn, dinov2, dinov2_with_registers, ijepa, pixio), classifying
+             images
 
 The family is read from the model folder's `config.json` (`model_type`); the rest of s3t talks to the
 `LayeredModel` interface only (`base.py`).
@@ -20,12 +22,17 @@ __all__ = ["LayeredModel", "Batch", "Task", "family", "family_at", "load_model",
            "default_model_path", "resolve_model_path", "model_digest", "SUPPORTED"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a hub name without this hangs ~50 s before failing
+# Deterministic cuBLAS (see `environment.resolve_device`): read once, when cuBLAS first starts in the process,
+# so it is set here, before any model is loaded. Without CUDA nothing reads it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # model_type -> (module, class): the module is imported only when a model of its family is loaded.
 _FAMILIES = {
     **{t: ("encoder", "TextEncoder") for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
     **{t: ("decoder", "CausalLM") for t in ("gemma", "gpt2", "gpt_neox", "llama", "mistral", "opt", "phi3",
                                              "qwen2", "qwen3")},
+    **{t: ("vision", "ImageEncoder") for t in ("deit", "dinov2", "dinov2_with_registers", "ijepa", "pixio", "vit",
+                                               "vit_msn")},
 }
 SUPPORTED = tuple(sorted(_FAMILIES))
 

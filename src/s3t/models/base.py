@@ -100,6 +100,12 @@ class LayeredModel(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def load_kwargs(self) -> dict:
+        """`from_pretrained` settings every family loads with: the dtype and, on CUDA, eager attention (its kernels
+        are matmuls and softmaxes, deterministic under `torch.use_deterministic_algorithms`; whether a fused
+        attention kernel's backward is deterministic depends on the backend torch picks)."""
+        return {"dtype": self.dtype, **({"attn_implementation": "eager"} if self.device.type == "cuda" else {})}
+
     def run_blocks(self, hidden: torch.Tensor, batch: Batch, start: int, stop: int) -> torch.Tensor:
         """Blocks start..stop-1 on hidden states (B, T, H), with the currently active adapters."""
         raise NotImplementedError
@@ -154,6 +160,13 @@ class LayeredModel(nn.Module):
         if not self._lora_layers:
             raise PlanError(f"`lora_targets` {list(self.lora_targets)} match no module of the model's blocks; "
                             f"its projections are {projections(self.blocks[0])}")
+        # Trained weights stay float32 under a bfloat16 model (as peft's `autocast_adapter_dtype` keeps them):
+        # AdamW steps of 1e-3 vanish in bfloat16's 8-bit mantissa. peft runs each adapter in its own dtype and
+        # casts its output back to the frozen layer's.
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora_" in name and p.dtype != torch.float32:
+                    p.data = p.data.float()
 
     # -- adapters ----------------------------------------------------------------------------------
     def set_active(self, depth: int, *, slot: int = 0, train_group: int | None = None) -> None:

@@ -54,7 +54,7 @@ class CausalLM(LayeredModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **self.load_kwargs())
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id   # gpt2-style tokenizers have no pad token: any id works, it is masked
         self.eos_token_id = self.tokenizer.eos_token_id

@@ -28,7 +28,7 @@ class TextEncoder(LayeredModel):
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         kwargs = {"add_pooling_layer": False} if _has_pooler(path) else {}
-        return AutoModel.from_pretrained(path, dtype=self.dtype, **kwargs)
+        return AutoModel.from_pretrained(path, **self.load_kwargs(), **kwargs)
 
     def prepare(self, texts: Sequence[str]) -> Batch:
         """Token ids and attention mask, padded to `max_length` so a text's tensors never depend on its batch."""
@@ -54,7 +54,8 @@ class TextEncoder(LayeredModel):
         """Mean pooling over real tokens, then the head of `slot`: logits (B, labels)."""
         weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return self.heads[slot](pooled)
+        head = self.heads[slot]   # float32 whatever the model's dtype: the trained head keeps full precision
+        return head(pooled.to(head.weight.dtype))
 
     def loss(self, outputs: torch.Tensor, batch: Batch, targets: torch.Tensor | None) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs, targets)

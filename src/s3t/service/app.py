@@ -34,8 +34,8 @@ from .auth import Token
 from .core import Service
 from .metrics import CONTENT_TYPE
 from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
-                     HeldResponse, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision,
-                     StatusResponse)
+                     HeldResponse, PredictImagesRequest, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse,
+                     ReviewDecision, StatusResponse)
 from .settings import ServiceSettings
 
 __all__ = ["create_app", "serve", "uvicorn_config"]
@@ -140,11 +140,13 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["predictions"])
     async def predict(body: PredictRequest, _token: Predictor) -> PredictResponse:
         """Classify texts with the served ensemble; reports the served-set version used."""
-        p = await model.run(service.predict, body.texts)
-        labels = list(service.system.labels)
-        return PredictResponse(served_version=p.served_version, labels=labels, predictions=[
-            {"label": label, "probabilities": dict(zip(labels, map(float, row)))}
-            for label, row in zip(p.labels, p.probabilities)])
+        return _predictions(await model.run(service.predict, body.texts), service.system.labels)
+
+    @app.post("/v1/predict/images", response_model=PredictResponse, tags=["predictions"])
+    async def predict_images(body: PredictImagesRequest, _token: Predictor) -> PredictResponse:
+        """Classify base64-encoded PNG/JPEG images with the served ensemble (an image run); reports the
+        served-set version used. Each image at most `max_image_bytes` decoded and `max_image_pixels` pixels."""
+        return _predictions(await model.run(service.predict_images, body.images), service.system.labels)
 
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["predictions"])
     async def generate(body: GenerateRequest, _token: Predictor) -> GenerateResponse:
@@ -280,6 +282,13 @@ class StrictJSONRoute(APIRoute):
         async def strict(request: Request) -> Response:
             return await handler(StrictJSONRequest(request.scope, request.receive, request._send))
         return strict
+
+
+def _predictions(p, labels) -> PredictResponse:
+    labels = list(labels)
+    return PredictResponse(served_version=p.served_version, labels=labels, predictions=[
+        {"label": label, "probabilities": dict(zip(labels, map(float, row)))}
+        for label, row in zip(p.labels, p.probabilities)])
 
 
 class BodyLimit:

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..batch import Batch
-from ..errors import AuthError, ConflictError, NotFoundError, RateLimitError
+from ..errors import AuthError, ConflictError, DataError, NotFoundError, RateLimitError
 from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
@@ -169,12 +169,29 @@ class Service:
 
     # -- predictions --------------------------------------------------------------------------------
     def predict(self, texts: Sequence[str]) -> Prediction:
+        if self.system.kind == "image":   # never let a client's string become a path the server reads
+            raise DataError("this run classifies images: POST them base64-encoded to /v1/predict/images")
+        return self._classify(texts)
+
+    def predict_images(self, images: Sequence[bytes]) -> Prediction:
+        """Classify encoded images (PNG/JPEG bytes), each within the server's byte and pixel limits."""
+        from ..images import check
+
+        if self.system.kind != "image":
+            raise DataError("this run does not classify images" + (": send texts to /v1/predict"
+                                                                    if self.system.kind == "text" else ""))
+        for k, image in enumerate(images):
+            check(image, where=f"image {k}", max_bytes=self.settings.max_image_bytes,
+                  max_pixels=self.settings.max_image_pixels)
+        return self._classify(list(images))
+
+    def _classify(self, inputs: Sequence) -> Prediction:
         started = time.perf_counter()
         with self.model_lock:
-            prediction = self.system.classify(texts)
+            prediction = self.system.classify(inputs)
         self.model_ready.set()
         self.metrics.prediction_requests.inc()
-        self.metrics.predicted_texts.inc(len(texts))
+        self.metrics.predicted_texts.inc(len(inputs))   # texts or images
         self.metrics.prediction_latency.observe(time.perf_counter() - started)
         return prediction
 

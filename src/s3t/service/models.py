@@ -1,24 +1,31 @@
 """Request and response schemas of the HTTP API (they are its OpenAPI document).
 
-Hard limits per request: 256 texts of at most 10,000 characters; 16 prompts and 256 new tokens; 1,000 ids
-+ subjects of at most 512 characters each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
+Hard limits per request: 256 texts of at most 10,000 characters; 64 images, each base64 of at most 16 MiB
+(the server's `max_image_bytes` and `max_image_pixels` bound them further once decoded); 16 prompts and 256 new
+tokens; 1,000 ids + subjects of at most 512 characters each. Bodies over the server's `max_body_bytes` are refused
+with 413 before parsing.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, StringConstraints, model_validator
 
-__all__ = ["PredictRequest", "PredictResponse", "GenerateRequest", "GenerateResponse", "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
+__all__ = ["PredictRequest", "PredictImagesRequest", "PredictResponse", "GenerateRequest", "GenerateResponse",
+           "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
            "HealthResponse",
-           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
+           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_IMAGES", "MAX_IMAGE_BASE64_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
 
 MAX_TEXTS = 256
 MAX_PROMPTS = 16          # generation runs the model once per new token: fewer prompts per request
 MAX_NEW_TOKENS = 256
 MAX_TEXT_CHARS = 10_000
+MAX_IMAGES = 64
+MAX_IMAGE_BASE64_CHARS = 4 * ((16 << 20) // 3 + 1)   # base64 of 16 MiB
 MAX_ITEMS = 1_000
 MAX_ID_CHARS = 512        # the registry's column width
 MAX_REFERENCE_CHARS = 200
@@ -33,7 +40,18 @@ def _encodable(value: str) -> str:
     return value
 
 
+def _base64(value: str) -> bytes:
+    """The bytes a standard base64 string encodes (strict: no whitespace, no URL-safe alphabet, padded)."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64 (standard alphabet, padded, no line breaks): send the image file's "
+                         "bytes base64-encoded") from None
+
+
 Text = Annotated[StrictStr, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable)]
+ImageBase64 = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_IMAGE_BASE64_CHARS),
+                        AfterValidator(_base64)]
 Item = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_encodable)]
 Reference = Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE_CHARS), AfterValidator(_encodable)]
 
@@ -44,6 +62,11 @@ class _Strict(BaseModel):
 
 class PredictRequest(_Strict):
     texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS, description="Texts to classify.")
+
+
+class PredictImagesRequest(_Strict):
+    images: list[ImageBase64] = Field(min_length=1, max_length=MAX_IMAGES,
+                                      description="PNG or JPEG files, each base64-encoded (an image run).")
 
 
 class GenerateRequest(_Strict):
