@@ -28,13 +28,17 @@ __all__ = [
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
     "RateLimitError", "BusyError",
     "simulate", "expected_capacity", "Requests", "CapacityResult", "plan_capacity", "Candidate",
+    "cost_report", "CostReport", "MethodCost", "Throughput", "calibrate",
 ]
 
 _LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
          "Receipt": "unlearning", "DeletionQueue": "batch",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",
-         "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner"}
+         "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner",
+         # the cost/benefit report over a horizon, and the throughput it needs
+         "cost_report": "cost", "CostReport": "cost", "MethodCost": "cost", "Throughput": "cost",
+         "calibrate": "calibration"}
 
 
 def __getattr__(name: str):

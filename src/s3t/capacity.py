@@ -60,6 +60,8 @@ __all__ = [
     "plot",
     "SELECTIONS",
     "plan_for",
+    "Draw",
+    "first_hits",
 ]
 
 Distribution = Literal["cells", "uniform", "zipf", "hot"]
@@ -262,8 +264,6 @@ def simulate(plan: Plan, *, requests: Requests | None = None, trials: int = 1000
         result = simulate(Plan(num_shards=5, num_slices=6, budget=3), trials=2000)
         result.summary()["all_dead"]["mean"], result.closed_form     # about 99.5, and 99.55
     """
-    import numpy as np
-
     requests = Requests() if requests is None else requests
     if not isinstance(plan, Plan):
         raise PlanError(f"`plan` must be an s3t.Plan; got {type(plan).__name__}. Build one with Plan(...).")
@@ -274,6 +274,38 @@ def simulate(plan: Plan, *, requests: Requests | None = None, trials: int = 1000
         raise PlanError(f"`seed` must be an int >= 0; got {seed!r}.")
     if horizon is not None:
         _positive("horizon", horizon)
+    draw = first_hits(plan, requests=requests, trials=trials, seed=seed, horizon=horizon)
+    plan, shard_orders, table, first_hit = draw.plan, draw.shard_orders, draw.depth_table, draw.first_hit
+    m, num_slices = plan.num_shards, plan.num_slices
+    result = _measure(first_hit, table, horizon)
+
+    closed = sisa = None
+    if requests.distribution == "cells":
+        firsts = sum(len({order[0] for order in orders}) for orders in shard_orders)
+        closed = _coupon_collector(m * num_slices, firsts)
+        sisa = expected_capacity(m, num_slices, 1)
+    return CapacityResult(plan=plan, requests=requests, trials=trials, seed=int(seed), horizon=horizon,
+                          closed_form=closed, sisa_closed_form=sisa, **result)
+
+
+@dataclass(frozen=True, eq=False)
+class Draw:
+    """Simulated request sequences, as `first_hits` returns them (the raw material of `simulate`)."""
+
+    plan: Plan  # the plan simulated ("bms" without a prior gets the prior the requests imply)
+    shard_orders: list[list[Order]]  # the orders of each shard
+    depth_table: NDArray[np.int16] = field(repr=False)  # (m, 2^L) served depth per set of hit slices
+    first_hit: NDArray[np.float64] = field(repr=False)  # (trials, m, L) request that first hit each cell
+
+
+def first_hits(plan: Plan, *, requests: Requests, trials: int, seed: int, horizon: int | None) -> Draw:
+    """Draw `trials` request sequences for `plan`: when each (shard, slice) cell is first hit, 1-based.
+
+    Arguments as in `simulate` (checked there); `math.inf` marks a cell not hit within the horizon. The
+    served depth of shard k after requests hit the slices in mask h is `depth_table[k, h]`.
+    """
+    import numpy as np
+
     m, num_slices = plan.num_shards, plan.num_slices
     if num_slices > MAX_SLICES:
         raise PlanError(f"`num_slices` = {num_slices} is above the simulator's limit of {MAX_SLICES} (it "
@@ -303,15 +335,7 @@ def simulate(plan: Plan, *, requests: Requests | None = None, trials: int = 1000
         first_hit = _first_hits_uniform_cells(rng, trials, m * num_slices, horizon)
     else:
         first_hit = _first_hits_population(rng, trials, cells, weights, m * num_slices, horizon)
-    result = _measure(first_hit.reshape(trials, m, num_slices), table, horizon)
-
-    closed = sisa = None
-    if requests.distribution == "cells":
-        firsts = sum(len({order[0] for order in orders}) for orders in shard_orders)
-        closed = _coupon_collector(m * num_slices, firsts)
-        sisa = expected_capacity(m, num_slices, 1)
-    return CapacityResult(plan=plan, requests=requests, trials=trials, seed=int(seed), horizon=horizon,
-                          closed_form=closed, sisa_closed_form=sisa, **result)
+    return Draw(plan, shard_orders, table, first_hit.reshape(trials, m, num_slices))
 
 
 def _positive(name: str, value: object) -> None:

@@ -21,7 +21,7 @@ from s3t.errors import PlanError
 from s3t.orders import select_orders
 from s3t.plan import Plan
 
-__all__ = ["Candidate", "plan_capacity", "stage_passes"]
+__all__ = ["Candidate", "plan_capacity", "recommended_plan", "stage_passes", "prefix_counts"]
 
 
 def stage_passes(plan: Plan) -> float:
@@ -31,14 +31,20 @@ def stage_passes(plan: Plan) -> float:
     Orders that share a prefix share its stages (same lineage, trained once), so each distinct prefix
     counts once: B orders with distinct first slices cost B·(L+1)/2, like B runs of SISA with L slices.
     """
+    return sum(count * depth / plan.num_slices for depth, count in enumerate(prefix_counts(plan), 1))
+
+
+def prefix_counts(plan: Plan) -> list[float]:
+    """Distinct order prefixes of each length 1..L per shard (the stages trained at each depth), mean over shards."""
     num_slices = plan.num_slices
     # Only random orders differ between shards; the others cost the same in every shard.
     shards = range(plan.num_shards) if plan.selection == "random" and plan.placement == "hash" else range(1)
-    total = 0.0
+    counts = [0] * num_slices
     for shard in shards:
         prefixes = {order[:i] for order in select_orders(plan, shard) for i in range(1, num_slices + 1)}
-        total += sum(len(p) for p in prefixes) / num_slices
-    return total / len(shards)
+        for prefix in prefixes:
+            counts[len(prefix) - 1] += 1
+    return [c / len(shards) for c in counts]
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,26 @@ def plan_capacity(
             front.append(c)
     return front[:top]
 
+
+
+def recommended_plan(base: Plan, records: int, deletions: int, *, requests: Requests | None = None,
+                     fit_model: bool = False, trials: int = 1000, seed: int = 0) -> Plan:
+    """`base` with the m, L and B of `plan_capacity`'s cheapest candidate for (`records`, `deletions`).
+
+    With `fit_model`, L is capped so that the layer groups fit the base model (read from its config).
+    """
+    max_slices = 8
+    if fit_model:
+        from s3t.models import count_blocks, resolve_model_path
+
+        max_slices = min(8, count_blocks(resolve_model_path(base.base_model)) // (base.blocks_per_slice or 1))
+    found = plan_capacity(records, deletions, epochs=base.epochs, requests=requests, max_slices=max_slices,
+                          trials=trials, seed=seed)
+    if not found:
+        raise PlanError(f"no plan with at most 32 shards and {max_slices} slices keeps every shard live through "
+                        f"{deletions} deletions of {records} records; choose m, L and B yourself")
+    best = found[0]
+    return base.replace(num_shards=best.num_shards, num_slices=best.num_slices, budget=best.budget)
 
 def _integer(name: str, value: object, *, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
