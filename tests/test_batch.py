@@ -181,3 +181,37 @@ def test_concurrent_library_callers_batch_and_each_get_their_receipt(trained, ti
     assert sorted(results) == sorted(ids) and all(results[i].deleted == (i,) for i in ids)
     assert trained.deletions.batches == held.batches + 1
     assert len(trained.receipts()) == len(ids)
+
+
+def test_a_batch_appends_one_signed_entry_per_request_in_order_and_a_rolled_back_one_leaves_no_gap(trained):
+    """The ledger's hash chain through a group commit: each applied request its own signed entry, in
+    request order; the request rolled back to its savepoint (a failed lineage check) leaves no entry and
+    no gap; the chain verifies against the run's public key."""
+    from s3t import ledger
+
+    by_cell = cells(trained)
+    good, forged, later = by_cell[1, 0][0], by_cell[1, 0][1], by_cell[1, 1][0]
+    _, components = trained.served()
+    other = next(c for c in components if c["shard"] == 0)   # shard 0: untouched, stays served
+    with trained.registry.transaction() as conn:
+        conn.execute(insert(lineage).values(artifact=other["artifacts"][0], record_id=forged))
+    before = trained.registry.ledger_entries()
+    held = Held(trained)
+    futures = [submit(trained, ids=[good]), submit(trained, ids=[forged]), submit(trained, ids=[later])]
+    held.release()
+    first, last = futures[0].result(60), futures[2].result(60)
+    with pytest.raises(s3t.IntegrityError):
+        futures[1].result(60)
+    assert trained.deletions.batches == held.batches + 1
+    rows = trained.registry.ledger_entries()
+    new = rows[len(before):]
+    assert [r["request_id"] for r in new] == [first.request_id, last.request_id]
+    assert [r["seq"] for r in new] == [len(before) + 1, len(before) + 2], "no gap where the failed one was"
+    assert new[1]["prev_hash"] == new[0]["entry_hash"]
+    assert all(r["signature"] and r["kind"] == "deletion" for r in new)
+    assert [r["receipt"]["deleted"] for r in new] == [[good], [later]]
+    with trained.registry.engine.connect() as conn:
+        head = trained.registry.ledger_recorded_head(conn)
+    public = ledger.load_public_key(trained.public_key())
+    assert ledger.verify_chain(rows, public, head=head) == []
+    assert head == (new[-1]["seq"], new[-1]["entry_hash"])

@@ -5,6 +5,8 @@
     system = s3t.S3T.create("runs/bbc", plan, s3t.datasets.bbc_news())
     system.train()
     receipt = system.delete(ids=["bbc-tech-001"])
+    system.audit(replay=2).passed
+    s3t.verify_receipt(system.export_receipt(receipt.request_id), system.public_key())   # anyone, offline
 
 Importing s3t is cheap: torch and transformers load only when a model is trained or used.
 """
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus",
-    "DeletionQueue", "datasets",
+    "DeletionQueue", "datasets", "Addition", "AuditReport", "Check", "verify_receipt",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -32,7 +34,8 @@ __all__ = [
 ]
 
 _LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
-         "Receipt": "unlearning", "DeletionQueue": "batch",
+         "Receipt": "unlearning", "DeletionQueue": "batch", "Addition": "ingest", "AuditReport": "audit",
+         "Check": "audit", "verify_receipt": "ledger",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",
          "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner",

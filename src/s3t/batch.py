@@ -36,6 +36,7 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from . import ledger
 from .registry import Registry
 from .unlearning import Receipt, apply
 
@@ -60,13 +61,12 @@ class Batch:
     its immediate ones rolled back to its savepoint, and the cached reads re-read.
     """
 
-    def __init__(self, registry: Registry, conn, key: bytes) -> None:
-        self.registry, self.conn, self._key = registry, conn, key
+    def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
+        self.registry, self.conn, self._key, self.signing_key = registry, conn, key, signing_key
         self.erased: list[str] = []       # records whose derived copies are shredded before the commit
         self.key_slots: list[int] = []    # keys destroyed after the commit
         self.receipts: list[Receipt] = []
         self._erase: list[tuple[dict, str]] = []     # staged: (record row, request id)
-        self._ledger: list[dict] = []                # staged ledger entries
         self._keys: list[dict] = []                  # staged idempotency keys
         self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
         self._hints: tuple[list, list, list] = ([], [], [])
@@ -193,10 +193,14 @@ class Batch:
         return self._idempotent[key]
 
     def receipt(self, request_id: str) -> dict | None:
-        for entry in self._ledger:
-            if entry["request_id"] == request_id:
-                return entry["receipt"]
+        """A stored receipt (this batch's ledger entries included: they are written at once)."""
         return self.registry.receipt_in(self.conn, request_id)
+
+    def seen(self, record_ids: Sequence[str]) -> set[str]:
+        """The ids among these that some registered artifact saw (`Registry.seen`; stages retired in this
+        batch no longer count, as they would not in a transaction of its own)."""
+        return {rid for rid, registered in ((rid, self.saw([rid])) for rid in record_ids)
+                if any(registered.values())}
 
     def usage(self, requester: str, day: str) -> int:
         """A requester's usage of `day`, with this batch's requests counted."""
@@ -219,8 +223,11 @@ class Batch:
             if (cached := self._records.get(row["id"])) is not None:
                 cached["deleted_in"] = request_id
 
-    def add_ledger_entry(self, request_id: str, created_at: str, receipt: dict) -> None:
-        self._ledger.append({"request_id": request_id, "created_at": created_at, "receipt": receipt})
+    def add_ledger_entry(self, receipt: dict) -> dict:
+        """Append the request's signed entry to the ledger's hash chain (`ledger.append`), now and in order:
+        in the request's savepoint, so a request rolled back leaves no entry, and the next one links to
+        the entry before it (no gap)."""
+        return ledger.append(self.registry, self.conn, receipt, signing_key=self.signing_key)
 
     def add_idempotent(self, key: str, fingerprint: str, request_id: str, created_at: str) -> None:
         row = {"key": key, "fingerprint": fingerprint, "request_id": request_id, "created_at": created_at}
@@ -234,7 +241,6 @@ class Batch:
         """Write the staged writes, one statement per kind (before the commit)."""
         reg, conn = self.registry, self.conn
         reg.erase_many(conn, self._erase)
-        reg.add_receipts(conn, self._ledger)
         reg.add_idempotent_many(conn, self._keys)
         totals: dict[tuple[str, str], int] = {}
         for requester, day, items in self._usage:
@@ -244,13 +250,13 @@ class Batch:
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
-        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._erase), len(self._ledger),
-                len(self._keys), len(self._usage))
+        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._erase), len(self._keys),
+                len(self._usage))
 
     def _rewind(self, mark: tuple[int, ...]) -> None:
         """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
-        for items, n in zip((self.erased, self.key_slots, self.receipts, self._erase, self._ledger, self._keys,
-                             self._usage), mark):
+        for items, n in zip((self.erased, self.key_slots, self.receipts, self._erase, self._keys, self._usage),
+                            mark):
             del items[n:]
         self._forget()
         ids, keys, tokens = self._hints
@@ -292,8 +298,8 @@ class DeletionQueue:
     def __init__(self, registry: Registry, key: bytes, *,
                  erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
                  after_commit: Callable[[list[Receipt]], None] = lambda receipts: None,
-                 max_batch: int = MAX_BATCH) -> None:
-        self.registry, self._key = registry, key
+                 max_batch: int = MAX_BATCH, signing_key=None) -> None:
+        self.registry, self._key, self.signing_key = registry, key, signing_key
         self.erase_derived, self.after_commit, self.max_batch = erase_derived, after_commit, max_batch
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -395,7 +401,7 @@ class DeletionQueue:
     def _run_requests(self, conn, requests: list[_Request], until_committed: ExitStack) -> Batch:
         """Each request's work in its own savepoint, then the staged writes; holds the cache lock (entered
         on `until_committed`) from the shredding of derived copies until after the commit."""
-        batch = Batch(self.registry, conn, self._key)
+        batch = Batch(self.registry, conn, self._key, signing_key=self.signing_key)
         batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
                        keys=[k for r in requests for k in r.hints[1]],
                        tokens=[t for r in requests for t in r.hints[2]])

@@ -60,11 +60,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+def write_private(path: Path, data: bytes, *, durable: bool = True, exclusive: bool = False) -> None:
     """Write `data` to `path` atomically with mode 0600: a temp file beside it, then a rename.
 
-    `durable` also fsyncs the file and the folder (skip it for files that can be recomputed). A failure
-    shreds the temp file: it may hold a part of the content.
+    `durable` also fsyncs the file and the folder (skip it for files that can be recomputed). `exclusive`
+    never replaces an existing file (FileExistsError instead: of two processes creating a key, one wins).
+    A failure shreds the temp file: it may hold a part of the content.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)   # mkstemp creates it 0600
@@ -75,10 +76,15 @@ def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)   # fails if `path` exists, atomically
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shred(Path(tmp))
         raise
+    if exclusive:
+        os.unlink(tmp)           # not shred: it is `path` under a second name now
     if durable:
         fsync_dir(path.parent)
 

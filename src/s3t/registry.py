@@ -61,6 +61,7 @@ records = Table(
     Column("shard", Integer, nullable=False),
     Column("slice", Integer, nullable=False),
     Column("deleted_in", String(64)),                # request id of the deletion; NULL while live
+    Column("generation", Integer),                   # re-added after a deletion this many times; NULL = 0
 )
 cells = Table(  # live records per (shard, slice), kept by create and every deletion: no scan to read them
     "cells", metadata,
@@ -106,6 +107,7 @@ lineage = Table(  # which record ids each artifact saw: the evidence behind ever
     "lineage", metadata,
     Column("artifact", String(64), primary_key=True),
     Column("record_id", String(512), primary_key=True, index=True),
+    Column("generation", Integer),                   # which incarnation of a re-added id it saw; NULL = 0
 )
 retired_artifacts = Table(  # unregistered because they saw a deleted record; the row goes once the file is shredded
     "retired_artifacts", metadata,
@@ -118,11 +120,17 @@ served_sets = Table(
     Column("created_at", String(40), nullable=False),
     Column("components", Text, nullable=False),      # JSON list of {shard, position, depth, artifacts}
 )
-ledger = Table(
+ledger = Table(  # a signed hash chain of deletions and additions (see s3t.ledger)
     "ledger", metadata,
     Column("request_id", String(64), primary_key=True),
     Column("created_at", String(40), nullable=False),
     Column("receipt", Text, nullable=False),         # JSON receipt: ids, keyed subject hashes, depths
+    Column("seq", Integer),                          # position in the chain, from 1
+    Column("kind", String(16)),                      # deletion | addition
+    Column("prev_hash", String(64)),                 # entry_hash of entry seq - 1 (ledger.GENESIS for the first)
+    Column("entry_hash", String(64)),                # SHA-256 of the canonical entry
+    Column("signature", String(128)),                # Ed25519 over the canonical entry, hex
+    Index("ix_ledger_seq", "seq", unique=True),
 )
 idempotency = Table(  # a client's idempotency key -> the deletion it made; written in that deletion's transaction
     "idempotency", metadata,
@@ -196,6 +204,9 @@ rate_buckets = Table(  # rate-limit token buckets shared by the service's replic
     Index("ix_rate_buckets_at", "at"),
 )
 FLAG_SUMMARY = [c for c in flagged.c if c.name not in ("request", "key_slot", "fingerprint", "idempotency_key")]
+DELETIONS = ledger.c.kind.is_(None) | (ledger.c.kind == "deletion")   # ledger entries that are deletion receipts
+LEDGER_HEAD = "ledger.head"   # meta: "seq:entry_hash" of the last appended ledger entry
+ABANDONED_SLOTS = "keys.abandoned"   # meta: key slots (destroyed) whose records were re-added under new keys
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock class that serialises writers on PostgreSQL
@@ -417,15 +428,31 @@ class Registry:
     # -- records ------------------------------------------------------------------------------------
     def insert_records(self, conn: Connection, rows: Sequence[dict]) -> None:
         """Insert records {id, subject_digest, input, target (bytes), shard, slice}, each sealed under a new key."""
-        slots = self.keys.allocate(len(rows))   # inside the caller's write transaction (see KeyStore.allocate)
-        keys = self.keys.keys(slots)
-        sealed = [dict(id=r["id"], subject_digest=r["subject_digest"], shard=r["shard"], slice=r["slice"],
-                       key_slot=slot, input=seal(keys[slot], r["input"], aad("record", r["id"], "input")),
-                       target=seal(keys[slot], r["target"], aad("record", r["id"], "target")))
-                  for r, slot in zip(rows, slots)]
+        sealed = self._sealed(rows)
         for start in range(0, len(sealed), 5000):
             conn.execute(records.insert(), sealed[start:start + 5000])
         self._count(conn, rows, +1)
+
+    def revive_records(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Store new records under the ids of deleted ones (rows as for `insert_records`, plus `generation`):
+        each tombstone takes the new content, sealed under a new key, and its new cell."""
+        for row in self._sealed(rows):
+            done = conn.execute(records.update().where(records.c.id == row["id"], records.c.deleted_in.is_not(None))
+                                .values(deleted_in=None, **{k: v for k, v in row.items() if k != "id"}))
+            assert done.rowcount == 1, f"record {row['id']} is not a deleted record"
+        self._count(conn, rows, +1)
+        # The old (destroyed) slots lose their row: count them, so `S3T.open` does not take them for leftovers.
+        abandoned = int(conn.execute(select(meta.c.value).where(meta.c.key == ABANDONED_SLOTS)).scalar() or 0)
+        self.set_meta(conn, ABANDONED_SLOTS, str(abandoned + len(rows)))
+
+    def _sealed(self, rows: Sequence[dict]) -> list[dict]:
+        slots = self.keys.allocate(len(rows))   # inside the caller's write transaction (see KeyStore.allocate)
+        keys = self.keys.keys(slots)
+        return [dict(id=r["id"], subject_digest=r["subject_digest"], shard=r["shard"], slice=r["slice"],
+                     key_slot=slot, input=seal(keys[slot], r["input"], aad("record", r["id"], "input")),
+                     target=seal(keys[slot], r["target"], aad("record", r["id"], "target")),
+                     **({"generation": r["generation"]} if r.get("generation") else {}))
+                for r, slot in zip(rows, slots)]
 
     def add_cells(self, conn: Connection, shape: tuple[int, int]) -> None:
         """One count per (shard, slice) of a `shape` = (shards, slices) grid, all zero."""
@@ -475,11 +502,11 @@ class Registry:
 
     def find_records(self, conn: Connection, *, ids: Sequence[str] = (),
                      subject_digests: Sequence[str] = ()) -> list[dict]:
-        """Rows {id, subject_digest, key_slot, shard, slice, deleted_in} for the given ids and subjects'
-        digests, by index lookups only."""
+        """Rows {id, subject_digest, key_slot, shard, slice, deleted_in, generation} for the given ids and
+        subjects' digests, by index lookups only."""
         found: dict[str, dict] = {}
         cols = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
-                records.c.deleted_in)
+                records.c.deleted_in, records.c.generation)
         for column, values in ((records.c.id, list(ids)), (records.c.subject_digest, list(subject_digests))):
             for chunk in _chunks(values):
                 for row in conn.execute(select(*cols).where(_among(column, chunk))):
@@ -519,6 +546,23 @@ class Registry:
                 out.update(conn.execute(q.where(records.c.deleted_in.is_(None)) if live_only else q).all())
         return out
 
+    def generations(self, shard: int) -> dict[str, int]:
+        """{id: generation} of a shard's records that were re-added after a deletion (usually none). Only a
+        re-add changes a generation, and it holds the training lock: a trainer may read this apart from
+        the records' content."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(records.c.id, records.c.generation).where(
+                records.c.shard == shard, records.c.generation > 0)).all())
+
+    def unseen(self, artifact_ids: Sequence[str]) -> list[str]:
+        """Live record ids (sorted) that none of these artifacts saw, in the incarnation that is live now."""
+        saw = (select(lineage.c.record_id).where(
+            lineage.c.artifact.in_(list(set(artifact_ids))), lineage.c.record_id == records.c.id,
+            func.coalesce(lineage.c.generation, 0) == func.coalesce(records.c.generation, 0)).exists())
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(records.c.id).where(records.c.deleted_in.is_(None), ~saw)
+                                     .order_by(records.c.id)).scalars())
+
     def live_ids(self) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(records.c.id).where(records.c.deleted_in.is_(None))).scalars())
@@ -540,9 +584,11 @@ class Registry:
             return set(c.execute(q).scalars())
 
     def count_key_slots(self) -> int:
+        """Slots allocated by committed writes: those rows refer to, and those re-added records left behind."""
         with self.engine.connect() as conn:
             return ((conn.execute(select(func.count(records.c.key_slot))).scalar() or 0)
-                    + (conn.execute(select(func.count(flagged.c.key_slot))).scalar() or 0))
+                    + (conn.execute(select(func.count(flagged.c.key_slot))).scalar() or 0)
+                    + int(conn.execute(select(meta.c.value).where(meta.c.key == ABANDONED_SLOTS)).scalar() or 0))
 
     def locate(self, ids: Sequence[str]) -> dict[str, tuple[int, int, bool]]:
         out = {}
@@ -613,12 +659,15 @@ class Registry:
         return row._asdict() if row else None
 
     def add_artifact(self, conn: Connection, *, lineage_hash: str, sha256: str, stage: int, examples: int,
-                     loss: float | None, record_ids: Iterable[str], environment: str) -> None:
+                     loss: float | None, record_ids: Iterable[str], environment: str,
+                     generations: dict[str, int] | None = None) -> None:
+        """Register an artifact and the record ids it saw (with the generation of each re-added one)."""
         conn.execute(artifacts.delete().where(artifacts.c.lineage == lineage_hash))
         conn.execute(lineage.delete().where(lineage.c.artifact == lineage_hash))
         conn.execute(artifacts.insert().values(lineage=lineage_hash, sha256=sha256, stage=stage, examples=examples,
                                                loss=loss, created_at=utcnow(), environment=environment))
-        rows = [dict(artifact=lineage_hash, record_id=r) for r in record_ids]
+        generations = generations or {}
+        rows = [dict(artifact=lineage_hash, record_id=r, generation=generations.get(r) or None) for r in record_ids]
         for start in range(0, len(rows), 5000):
             conn.execute(lineage.insert(), rows[start:start + 5000])
 
@@ -656,10 +705,29 @@ class Registry:
         return hits
 
     def saw_deleted(self, conn: Connection, artifact_ids: Sequence[str]) -> set[str]:
-        """The artifacts among these that saw a record deleted by now (a join: for offline paths)."""
+        """The artifacts among these that saw a record deleted by now, or an earlier incarnation of a re-added
+        one (a join: for offline paths)."""
         q = (select(lineage.c.artifact).distinct().join(records, records.c.id == lineage.c.record_id)
-             .where(lineage.c.artifact.in_(list(set(artifact_ids))), records.c.deleted_in.is_not(None)))
+             .where(lineage.c.artifact.in_(list(set(artifact_ids))),
+                    records.c.deleted_in.is_not(None)
+                    | (func.coalesce(records.c.generation, 0) != func.coalesce(lineage.c.generation, 0))))
         return set(conn.execute(q).scalars())
+
+    def artifact_examples(self, lineages: Iterable[str], conn: Connection | None = None) -> dict[str, int]:
+        """{lineage: examples it was trained on} of these registered artifacts."""
+        wanted = sorted(set(lineages))
+        out: dict[str, int] = {}
+
+        def run(c: Connection) -> None:
+            for start in range(0, len(wanted), 900):
+                out.update(c.execute(select(artifacts.c.lineage, artifacts.c.examples)
+                                     .where(artifacts.c.lineage.in_(wanted[start:start + 900]))).all())
+        if conn is not None:
+            run(conn)
+        else:
+            with self.engine.connect() as c:
+                run(c)
+        return out
 
     def artifacts_that_saw(self, conn: Connection, record_ids: Sequence[str]) -> set[str]:
         """Registered artifacts whose lineage contains any of `record_ids` (by index: no scan)."""
@@ -670,6 +738,34 @@ class Registry:
                                      .join(artifacts, artifacts.c.lineage == lineage.c.artifact)
                                      .where(lineage.c.record_id.in_(chunk))).scalars())
         return hits
+
+    def seen(self, conn: Connection, record_ids: Sequence[str]) -> set[str]:
+        """The ids among these that some registered artifact saw (by index: no scan)."""
+        hits: set[str] = set()
+        for start in range(0, len(record_ids), 900):
+            chunk = list(record_ids[start:start + 900])
+            hits.update(conn.execute(select(lineage.c.record_id).distinct()
+                                     .join(artifacts, artifacts.c.lineage == lineage.c.artifact)
+                                     .where(lineage.c.record_id.in_(chunk))).scalars())
+        return hits
+
+    def unreferenced(self, conn: Connection, lineages: Iterable[str]) -> set[str]:
+        """The registered artifacts among these that no order's stages refer to any more."""
+        wanted = sorted(set(lineages))
+        if not wanted:
+            return set()
+        registered = set(conn.execute(select(artifacts.c.lineage).where(artifacts.c.lineage.in_(wanted))).scalars())
+        used = set(conn.execute(select(stages.c.artifact).distinct().where(stages.c.artifact.in_(wanted))).scalars())
+        return registered - used
+
+    def unregister(self, conn: Connection, lineages: Iterable[str]) -> None:
+        """Unregister artifacts that saw no deleted record (superseded by a retraining on added data), in the
+        caller's transaction; the trainer shreds their files, holding the training lock. They never enter
+        the retired queue, which any process may shred at any time: a stage of the same lineage may be
+        trained again, and a late shred would take the new file."""
+        wanted = sorted(set(lineages))
+        for start in range(0, len(wanted), 900):
+            conn.execute(artifacts.delete().where(artifacts.c.lineage.in_(wanted[start:start + 900])))
 
     def retire(self, conn: Connection, lineages: Iterable[str]) -> None:
         """Unregister artifacts in the caller's transaction and queue their files for shredding.
@@ -710,23 +806,66 @@ class Registry:
         conn.execute(served_sets.insert().values(version=version, created_at=utcnow(),
                                                  components=json.dumps(components, sort_keys=True)))
 
-    # -- ledger -------------------------------------------------------------------------------------
-    def add_receipts(self, conn: Connection, rows: Sequence[dict]) -> None:
-        """Several ledger entries {request_id, created_at, receipt (dict)}, in one statement."""
-        if rows:
-            conn.execute(ledger.insert(), [dict(r, receipt=json.dumps(r["receipt"], sort_keys=True)) for r in rows])
+    # -- ledger (appended to by s3t.ledger.append: a signed hash chain) -------------------------------
+    def ledger_head(self, conn: Connection) -> tuple[int, str] | None:
+        """(seq, entry_hash) of the last chained ledger entry, or None if there is none."""
+        row = conn.execute(select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
+                           .order_by(ledger.c.seq.desc()).limit(1)).first()
+        return (row.seq, row.entry_hash) if row else None
+
+    def add_ledger_entry(self, conn: Connection, *, request_id: str, created_at: str, receipt: dict, seq: int,
+                         kind: str, prev_hash: str, entry_hash: str, signature: str | None) -> None:
+        conn.execute(ledger.insert().values(request_id=request_id, created_at=created_at, seq=seq, kind=kind,
+                                            receipt=json.dumps(receipt, sort_keys=True), prev_hash=prev_hash,
+                                            entry_hash=entry_hash, signature=signature))
+        self.set_meta(conn, LEDGER_HEAD, f"{seq}:{entry_hash}")   # exposes entries later removed from the end
+
+    def chain_entry(self, conn: Connection, request_id: str, *, seq: int, kind: str, prev_hash: str,
+                    entry_hash: str, signature: str | None) -> None:
+        """Give an entry written before the ledger was chained its place in the chain."""
+        conn.execute(update(ledger).where(ledger.c.request_id == request_id, ledger.c.seq.is_(None))
+                     .values(seq=seq, kind=kind, prev_hash=prev_hash, entry_hash=entry_hash, signature=signature))
+        self.set_meta(conn, LEDGER_HEAD, f"{seq}:{entry_hash}")
+
+    def ledger_entries(self, conn: Connection | None = None, *, request_id: str | None = None,
+                       unchained: bool = False) -> list[dict]:
+        """Ledger rows {request_id, created_at, receipt (dict), seq, kind, prev_hash, entry_hash, signature},
+        in chain order (`unchained`: only those without a chain position, oldest first)."""
+        q = select(ledger).order_by(ledger.c.seq, ledger.c.created_at)
+        if request_id is not None:
+            q = q.where(ledger.c.request_id == request_id)
+        if unchained:
+            q = q.where(ledger.c.seq.is_(None))
+        if conn is not None:
+            rows = [r._asdict() for r in conn.execute(q)]
+        else:
+            with self.engine.connect() as c:
+                rows = [r._asdict() for r in c.execute(q)]
+        for r in rows:
+            r["receipt"] = json.loads(r["receipt"])
+            r["kind"] = r["kind"] or "deletion"   # entries from before the chain are all deletions
+        return rows
+
+    def ledger_recorded_head(self, conn: Connection) -> tuple[int, str] | None:
+        """(seq, entry_hash) the last append recorded, read from the meta table."""
+        value = conn.execute(select(meta.c.value).where(meta.c.key == LEDGER_HEAD)).scalar()
+        if not value:
+            return None
+        seq, _, digest = value.partition(":")
+        return int(seq), digest
 
     def receipt(self, request_id: str) -> dict | None:
         with self.engine.connect() as conn:
-            text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id)).scalar()
-        return json.loads(text) if text else None
+            return self.receipt_in(conn, request_id)
 
     def receipts(self) -> list[dict]:
+        """Every deletion's receipt, oldest first."""
         with self.engine.connect() as conn:
-            return [json.loads(t) for t in conn.execute(select(ledger.c.receipt).order_by(ledger.c.created_at)).scalars()]
+            return [json.loads(t) for t in conn.execute(select(ledger.c.receipt).where(DELETIONS)
+                                                        .order_by(ledger.c.seq, ledger.c.created_at)).scalars()]
 
     def receipt_in(self, conn: Connection, request_id: str) -> dict | None:
-        text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id)).scalar()
+        text = conn.execute(select(ledger.c.receipt).where(ledger.c.request_id == request_id, DELETIONS)).scalar()
         return json.loads(text) if text else None
 
     # -- idempotency --------------------------------------------------------------------------------

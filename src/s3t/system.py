@@ -4,7 +4,9 @@
     system.train()
     system.predict(["some text"])          # or images (paths, bytes, PIL images, arrays) for a ViT run
     receipt = system.delete(ids=["bbc-tech-001"])
+    system.add(more_data)             # served model unchanged; restore() trains the new records in
     system.restore()
+    system.audit(replay=2).passed     # files, lineage, ledger chain, erasure, two stages retrained bit for bit
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from sqlalchemy.exc import SQLAlchemyError
 from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError, RunError,
                      RunExistsError, RunNotFoundError)
 from .files import FileLock, create_private, private_dir, shred, write_private
+from .ingest import Addition, assign_cells, record_rows
 from .keystore import KeyStore
 from .orders import select_orders
-from .partition import partition, slice_sizes
+from .partition import slice_sizes
 from .plan import Plan
 from .records import Dataset, check_labels, payload
 from .registry import Registry, check_schema_name
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, preview, rebuild, restorable, subject_digest
+from .unlearning import Receipt, current_depth, preview, rebuild, restorable, subject_digest, truncated
 
 if TYPE_CHECKING:
     from .batch import DeletionQueue
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from .audit import AuditReport
     from .environment import NumericEnvironment
     from .registry import AdvisoryLock
 
@@ -48,6 +54,8 @@ RUN_FILE = "run.json"
 DB_FILE = "registry.sqlite"
 KEYS_FILE = "keys.bin"            # one key per record (and per held request), destroyed on deletion
 LEDGER_KEY_FILE = "ledger.key"    # HMAC key of subject digests and request fingerprints: not in the database
+RECORD_KIND = "record_kind"       # meta: the kind of record the run trains on (records.KINDS, S3T.kind)
+SIGNING_KEY_FILE = "signing.key"  # Ed25519 private key that signs the ledger's entries (s3t.ledger)
 ARTIFACTS_DIR = "artifacts"
 TRAIN_LOCK = "train.lock"         # held by whoever trains (train/restore) for the whole rebuild
 RUN_FORMAT = 2                    # 2: sealed content, key file, ledger key file; 1 is refused (no migration)
@@ -65,6 +73,7 @@ class ShardStatus:
     served_depth: int               # layer groups in use (0 = the shard is out of the ensemble)
     deletions_to_drop: int          # fewest further deletions that take the shard out of the ensemble
     empty_slices: tuple[int, ...] = ()   # slices with no live record: orders starting there are never trained
+    unseen_records: int = 0         # live records its served model has not seen (added since, or beyond its depth)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class Status:
     served_version: int
     truncated_orders: int           # orders below the depth training would give them: what `restore()` retrains
     shards: tuple[ShardStatus, ...]
+    stale_orders: int = 0           # orders with a trained stage that misses records added since: `restore()` too
+    unseen_records: int = 0         # live records no served artifact has seen (`S3T.unseen()` lists them)
 
     @property
     def serving(self) -> bool:
@@ -102,12 +113,14 @@ class Prediction:
 class S3T:
     """A trained (or trainable) S3T model stored in a run folder. Use `create` or `open`."""
 
-    def __init__(self, run_dir: Path, plan: Plan, registry: Registry, ledger_key: bytes) -> None:
+    def __init__(self, run_dir: Path, plan: Plan, registry: Registry, ledger_key: bytes,
+                 signing_key: "Ed25519PrivateKey | None" = None) -> None:
         self.run_dir = run_dir
         self.plan = plan
         self.registry = registry
         self.labels: tuple[str, ...] = plan.labels or ()
         self._ledger = ledger_key
+        self._signing_key = signing_key
         self._trainer = None
         self._deletions: DeletionQueue | None = None
         self._deletions_lock = threading.Lock()
@@ -129,6 +142,7 @@ class S3T:
         `public`); a schema that already holds a run is refused. Artifacts, keys and the cache stay in
         the run folder, which replicas of the service share (a shared filesystem).
         """
+        from .ledger import create_signing_key
         from .models import count_blocks, family_at, model_digest, resolve_model_path
 
         run_dir = Path(run_dir)
@@ -146,10 +160,9 @@ class S3T:
         model_path = resolve_model_path(plan.base_model)
         blocks = count_blocks(model_path)
         plan.blocks_for(blocks)
-        plan = _resolve(plan, data, family_at(model_path))
-        assignment = partition(data, seed=plan.seed, num_shards=plan.num_shards, num_slices=plan.num_slices,
-                               placement=plan.placement, risky_slices=plan.risky_slices,
-                               risk_threshold=plan.risk_threshold)
+        family = family_at(model_path)
+        plan = _resolve(plan, data, family)
+        assignment = assign_cells(plan, data)
         sizes = slice_sizes(assignment, num_shards=plan.num_shards, num_slices=plan.num_slices)
         if (sizes == 0).any():   # allowed (see truncation.attainable_depth), but rarely what the user meant
             empty = [f"shard {m} slice {s}" for m, s in np.argwhere(sizes == 0)]
@@ -163,6 +176,7 @@ class S3T:
         try:
             ledger_key = os.urandom(32)
             write_private(run_dir / LEDGER_KEY_FILE, ledger_key)
+            signing_key = create_signing_key(run_dir / SIGNING_KEY_FILE)
             keys = KeyStore.create(run_dir / KEYS_FILE)
             if not database_url:
                 create_private(run_dir / DB_FILE)   # 0600 before SQLite opens it: its journal takes this mode
@@ -178,12 +192,10 @@ class S3T:
             with registry.transaction() as conn:
                 registry.set_meta(conn, "plan", plan.to_json())
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
+                registry.set_meta(conn, RECORD_KIND, family.kind)   # what `add` accepts, without the model
                 registry.add_cells(conn, (plan.num_shards, plan.num_slices))
-                registry.insert_records(conn, [   # sealed by the registry, each under a key of its own
-                    dict(zip(("input", "target"), payload(r)), id=r.id, shard=assignment[r.id][0],
-                         slice=assignment[r.id][1],
-                         subject_digest=subject_digest(ledger_key, r.subject) if r.subject is not None else None)
-                    for r in data])
+                # sealed by the registry, each under a key of its own
+                registry.insert_records(conn, record_rows(data, assignment, ledger_key))
                 registry.insert_orders(conn, [
                     dict(shard=shard, position=k, slices=order, depth=0)
                     for shard in range(plan.num_shards) for k, order in enumerate(select_orders(plan, shard))])
@@ -197,19 +209,21 @@ class S3T:
             elif keys is not None:
                 keys.close()
             shutil.rmtree(run_dir / ARTIFACTS_DIR, ignore_errors=True)
-            for name in (DB_FILE, KEYS_FILE, LEDGER_KEY_FILE):
+            for name in (DB_FILE, KEYS_FILE, LEDGER_KEY_FILE, SIGNING_KEY_FILE):
                 shred(run_dir / name)
             raise
         write_private(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, "database_url": database_url,
                                                       "database_schema": database_schema}, indent=2).encode())
-        return cls(run_dir, plan, registry, ledger_key)
+        return cls(run_dir, plan, registry, ledger_key, signing_key)
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "S3T":
+    def open(cls, run_dir: str | Path, *, recover: bool = True) -> "S3T":
         """Reopen a run folder written by `create`.
 
         Before anything else it finishes what a crash may have cut short: it destroys the keys of deleted
-        records (a crash between a deletion's commit and its key destruction), then sweeps (`sweep`).
+        records (a crash between a deletion's commit and its key destruction), then sweeps (`sweep`). A run
+        made before the ledger was signed gets its signing key, and its ledger entries their chain.
+        `recover=False` opens the run as found and changes nothing (an audit looks at it that way).
         """
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
@@ -233,6 +247,7 @@ class S3T:
             raise RunError(f"{damaged}: {DB_FILE} is missing; restore the folder from a backup")
         try:
             ledger_key = (run_dir / LEDGER_KEY_FILE).read_bytes()
+            signing_key, key_created = _signing_key(run_dir / SIGNING_KEY_FILE, create=recover)
             keys = KeyStore.open(run_dir / KEYS_FILE)
         except (OSError, ValueError) as exc:
             raise RunError(f"{damaged}: {exc}; restore the folder from a backup") from None
@@ -252,10 +267,13 @@ class S3T:
         if plan is None:
             registry.close()
             raise RunError(f"{damaged}: its database holds no plan; restore the folder from a backup")
-        system = cls(run_dir, Plan.from_json(plan), registry, ledger_key)
-        system._destroy_dead_keys()
-        system._keep_capacities()
-        system.sweep()
+        system = cls(run_dir, Plan.from_json(plan), registry, ledger_key, signing_key)
+        if recover:
+            system._destroy_dead_keys()
+            if key_created:   # only the open that migrates an older run chains; see _chain_ledger
+                system._chain_ledger()
+            system._keep_capacities()
+            system.sweep()
         return system
 
     def close(self) -> None:
@@ -294,6 +312,22 @@ class S3T:
                 destroyed += keys.destroy(set(range(len(keys))) - reg.referenced_key_slots(conn))
         if destroyed:
             logger.warning("destroyed %d keys that a crash left behind in %s", destroyed, self.run_dir)
+
+    def _chain_ledger(self) -> None:
+        """Chain (and sign) the ledger entries of an older run, written before the ledger was chained.
+
+        Called only by the open that creates the run's signing key: once the run has a key, an entry
+        without a chain position was inserted or edited outside s3t, and signing it at the next open would
+        launder a forgery by whoever holds only the database. The audit reports such entries instead.
+        """
+        from .ledger import chain_unchained
+
+        if not self.registry.ledger_entries(unchained=True):
+            return
+        with self.registry.transaction() as conn:   # under the write lock: no append interleaves
+            chained = chain_unchained(self.registry, conn, signing_key=self._signing_key)
+        logger.warning("chained and signed %d ledger entries of %s written before the ledger was chained; from "
+                       "now on, editing or removing any of them shows", chained, self.run_dir)
 
     def sweep(self) -> int:
         """Shred what no registry row accounts for; returns how many files it shredded.
@@ -381,7 +415,11 @@ class S3T:
 
     @property
     def kind(self) -> str:
-        """What the run's records and inputs are: "text", "image" or "prompt" (read from the base model's config)."""
+        """What the run's records and inputs are: "text", "image" or "prompt", as `create` stored it (a run
+        created before it was stored: read from the base model's config). From the registry where it can
+        be: the service asks from several threads, and two threads importing transformers at once fail."""
+        if self._kind is None:
+            self._kind = self.registry.get_meta(RECORD_KIND)
         if self._kind is None:
             from .models import family_at, resolve_model_path
 
@@ -394,7 +432,8 @@ class S3T:
         return self
 
     def restore(self, *, progress: bool = True) -> int:
-        """Retrain truncated orders on the current data; the served set switches after each order."""
+        """Retrain truncated and stale orders on the current data (trains added records in); the served set
+        switches after each order."""
         return self._rebuild(progress, "restoring")
 
     def _rebuild(self, progress: bool, what: str) -> int:
@@ -582,10 +621,43 @@ class S3T:
                 from .batch import DeletionQueue
                 from .cache import erasing
 
-                self._deletions = DeletionQueue(self.registry, self._ledger_key(),
+                self._deletions = DeletionQueue(self.registry, self._ledger_key(), signing_key=self._signing_key,
                                                 erase_derived=lambda erased: erasing(self.run_dir, erased),
                                                 after_commit=lambda receipts: self._shred_retired())
             return self._deletions
+
+    def add(self, data: Dataset, *, replace_deleted: bool = False, requested_by: str | None = None) -> Addition:
+        """Add records to the run without training: the served model stays as it is (exact for the data it
+        saw) until `restore()` retrains the orders whose trained prefix gained records (`status()` counts
+        them, and the records the served model has not seen yet).
+
+        An id already in the run is refused (ConflictError), and so is the id of a deleted record unless
+        `replace_deleted=True` says the record is a new one stored under the old id. Re-adding waits for
+        the training lock (RunBusyError if a restore keeps it): no training may be reading the old record.
+
+            system.add(s3t.Dataset.from_jsonl("new.jsonl"))
+            system.restore()        # now bit-identical to a fresh training on the union
+        """
+        from .ingest import add
+
+        if not isinstance(data, Dataset):
+            raise DataError(f"`data` must be an s3t.Dataset; got {type(data).__name__}. "
+                            "Build one with Dataset.from_records / from_jsonl / from_csv")
+        lock = self._lock(TRAIN_LOCK)
+        if replace_deleted and not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
+            raise RunBusyError(f"another process is training the run at {self.run_dir}; re-adding deleted ids waits "
+                               "for it (a training in flight may hold the old record): retry when it is done")
+        try:
+            return add(self.registry, self._ledger_key(), self.plan, data, kind=self.kind,
+                       replace_deleted=replace_deleted, signing_key=self._signing_key, requested_by=requested_by)
+        finally:
+            lock.release()
+
+    def unseen(self) -> list[str]:
+        """Live record ids that no served artifact has seen: added since training, or in slices beyond a
+        shard's served depth (`restore()` trains them in), sorted."""
+        _version, components = self.registry.served()
+        return self.registry.unseen([c["artifacts"][-1] for c in components if c["artifacts"]])
 
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), batch=None) -> dict:
         """What `delete` would do to each shard's served depth and capacity, without deleting anything
@@ -615,30 +687,86 @@ class S3T:
         """Every deletion receipt in the ledger, oldest first."""
         return [Receipt.from_dict(r) for r in self.registry.receipts()]
 
+    def public_key(self) -> str:
+        """The PEM public key that verifies this run's ledger entries and exported receipts."""
+        from .ledger import public_key_pem
+
+        return public_key_pem(self._signer().public_key())
+
+    def export_receipt(self, request_id: str) -> dict:
+        """A signed, self-contained copy of one ledger entry that anyone can check with the run's public key
+        and `s3t.verify_receipt` (or `s3t verify-receipt`), without access to the run."""
+        from .ledger import export
+
+        rows = self.registry.ledger_entries(request_id=request_id)
+        if not rows:
+            raise NotFoundError(f"no request {request_id!r} in the ledger of {self.run_dir}; list receipts with "
+                                "S3T.receipts()")
+        return export(rows[0], self._signer().public_key())
+
+    def _signer(self) -> "Ed25519PrivateKey":
+        if self._signing_key is None:
+            raise RunError(f"the run at {self.run_dir} has no signing key ({SIGNING_KEY_FILE}) yet: open it once "
+                           "without recover=False (any s3t command but `s3t audit` does) to create it")
+        return self._signing_key
+
+    def audit(self, *, replay: int | str = 0, seed: int | None = None, public_key: str | None = None) -> "AuditReport":
+        """Check the run against its own records: artifact files and hashes, orphans, stored lineage against
+        the ledger's deletions, the ledger's chain and signatures, erasure of deleted records, and
+        `replay` served stages (an int, or "all") retrained from their stored lineage bit for bit.
+
+        `public_key` (PEM) pins the key the ledger must be signed with (default: the run's own); `seed`
+        makes the replay's sample reproducible. See `s3t.audit`.
+        """
+        from .audit import audit
+
+        return audit(self, replay=replay, seed=seed, public_key=public_key)
+
     def served(self) -> tuple[int, list[dict]]:
         """(version, components): for each live shard the order, depth and artifact lineages served."""
         return self.registry.served()
 
     def status(self) -> Status:
-        """Per shard: live orders, served depth, and how many deletions would take it out."""
+        """Per shard: live orders, served depth, how many deletions would take it out, and how many live
+        records its served model has not seen; the orders `restore()` would retrain."""
         orders = self.registry.orders()
         version, components = self.registry.served()
         served = {c["shard"]: c for c in components}
         live, deleted = self.registry.count_records()
         counts = self.registry.live_counts()
+        examples = self.registry.artifact_examples([a for o in orders for a in o["artifacts"][:o["depth"]]]
+                                                   + [c["artifacts"][-1] for c in components if c["artifacts"]])
         shards = []
         for s in range(self.plan.num_shards):
             mine = [o for o in orders if o["shard"] == s]
             depths = [o["depth"] for o in mine]
+            seen = examples.get(served[s]["artifacts"][-1], 0) if s in served and served[s]["artifacts"] else 0
             shards.append(ShardStatus(
                 shard=s, live_orders=sum(d > 0 for d in depths), orders=len(mine),
                 served_order=served[s]["position"] if s in served else None,
                 served_depth=served[s]["depth"] if s in served else 0,
                 deletions_to_drop=deletions_to_drop([o["slices"] for o in mine], depths),
-                empty_slices=tuple(sl for sl in range(self.plan.num_slices) if not counts.get((s, sl)))))
+                empty_slices=tuple(sl for sl in range(self.plan.num_slices) if not counts.get((s, sl))),
+                unseen_records=sum(n for (m, _sl), n in counts.items() if m == s) - seen))
         return Status(trained=version > 0, live_records=live, deleted_records=deleted, served_version=version,
-                      truncated_orders=len(restorable(self.registry, orders=orders, counts=counts)),
-                      shards=tuple(shards))
+                      truncated_orders=sum(truncated(o, counts) for o in orders), shards=tuple(shards),
+                      stale_orders=sum(current_depth(o, counts, examples) < o["depth"] for o in orders),
+                      unseen_records=sum(sh.unseen_records for sh in shards))
+
+
+def _signing_key(path: Path, *, create: bool) -> "tuple[Ed25519PrivateKey | None, bool]":
+    """(the run's signing key, whether this call created it); a run from before signed ledgers gets one
+    now (`create`), or has None."""
+    from .ledger import create_signing_key, load_signing_key
+
+    if not path.is_file():
+        if not create:
+            return None, False
+        try:
+            return create_signing_key(path), True
+        except FileExistsError:   # another process opening the run made it first (and chains the ledger)
+            pass
+    return load_signing_key(path), False
 
 
 def _safe_url(url: str) -> str:

@@ -58,9 +58,11 @@ class Trainer:
     _tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     # -- lineage ------------------------------------------------------------------------------------
-    def lineages(self, order: Sequence[int], members: dict[int, list[str]]) -> list[str]:
-        """Lineage hash of every stage of `order` on the shard's current members."""
-        digests = [slice_digest(members.get(s, [])) for s in order]
+    def lineages(self, order: Sequence[int], members: dict[int, list[str]],
+                 generations: dict[str, int] | None = None) -> list[str]:
+        """Lineage hash of every stage of `order` on the shard's current members (`generations`: of the
+        re-added ones; without it, the names a fresh run would give them, which their seeds come from)."""
+        digests = [slice_digest(members.get(s, []), generations) for s in order]
         return [lineage_hash(training=self.training, base_model=self.base_digest,
                              environment=self.environment.fingerprint, prefix=digests[:i])
                 for i in range(1, len(order) + 1)]
@@ -103,17 +105,18 @@ class Trainer:
         return self.model.loss(self.model.top(hidden, aux, start), aux, y)
 
     def train_stage(self, *, stage: int, lineage: str, parents: Sequence[str], ids: Sequence[str],
-                    targets: dict[str, int] | None) -> StageResult:
+                    targets: dict[str, int] | None, seed: int | None = None) -> StageResult:
         """Train layer group `stage` (and the head) on `ids`, on top of the `parents` stages 1..stage-1.
 
         `targets` maps each id to its label's index (classification); None when the targets are part of
-        the model input (a completion's tokens).
+        the model input (a completion's tokens). `seed` is given apart from `lineage` for re-added
+        records (see `s3t.lineage`).
 
         Input is each record's cached frozen hidden state at the bottom of group `stage`: the blocks
         below run no adapter at this stage, so their output is the same for every stage and order.
         """
         bb = self.model
-        seed = stage_seed(lineage)
+        seed = stage_seed(lineage) if seed is None else seed   # given apart for re-added records (see lineage)
         # S3T: stage i trains group i from a fresh init. SISA (one group): every stage continues group 1.
         group = bb.groups_at(stage)
         # A private, lineage-seeded RNG: LoRA init, head init and dropout never see global RNG state; the
@@ -160,6 +163,7 @@ class Trainer:
         is called after each order is complete so the caller can switch the served set.
         """
         members, rows = self.registry.live_shard(shard)
+        generations = self.registry.generations(shard)   # fixed while we train (see Registry.generations)
         records = {i: from_payload(self.kind, i, content) for i, content in rows.items()}
         with pinned(self.environment):   # writes live records only
             self.cache.fill(self.model, sorted(records), lambda i: records[i].model_input)
@@ -168,21 +172,24 @@ class Trainer:
         for order in orders:
             if not attainable_depth(order["slices"], members):
                 continue   # its first slice has no records left: never trained, never served (depth stays 0)
-            lineages = self.lineages(order["slices"], members)
+            lineages = self.lineages(order["slices"], members, generations)
+            seeds = self.lineages(order["slices"], members) if generations else lineages
             try:
                 for stage in range(1, len(lineages) + 1):
                     if self._usable(lineages[stage - 1]):
                         continue
                     ids = sorted(i for s in order["slices"][:stage] for i in members.get(s, []))
                     result = self.train_stage(stage=stage, lineage=lineages[stage - 1],
-                                              parents=lineages[:stage - 1], ids=ids, targets=targets)
-                    self.register(stage, lineages[stage - 1], result, ids)
+                                              parents=lineages[:stage - 1], ids=ids, targets=targets,
+                                              seed=stage_seed(seeds[stage - 1]))
+                    self.register(stage, lineages[stage - 1], result, ids, generations=generations)
                     on_stage(f"shard {shard} order {order['position']} stage {stage}")
             except (CacheMiss, ArtifactRetired):
                 continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
             on_order(order, lineages)
 
-    def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str]) -> None:
+    def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str], *,
+                 generations: dict[str, int] | None = None) -> None:
         """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row,
         and a file left without its row is shredded by the run's sweep: see `S3T.sweep`)."""
         sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
@@ -190,7 +197,8 @@ class Trainer:
             self.registry.add_environment(conn, self.environment.fingerprint, self.environment.to_dict())
             self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
                                        loss=result.epoch_losses[-1] if result.epoch_losses else None,
-                                       record_ids=ids, environment=self.environment.fingerprint)
+                                       record_ids=ids, environment=self.environment.fingerprint,
+                                       generations=generations)
             # Writers are serialised: either a deletion of one of `ids` saw this row and retired it, or it
             # committed before this check, which retires the stage now (the rebuild's sweep shreds the file).
             stale = self.registry.saw_deleted(conn, [lineage])
@@ -201,6 +209,7 @@ class Trainer:
 
     def pending(self, shard: int, orders: Sequence[dict]) -> int:
         """Number of distinct stages `complete` would train for these orders (for progress bars)."""
-        members = self.registry.live_members(shard)
-        todo = {h for o in orders if attainable_depth(o["slices"], members) for h in self.lineages(o["slices"], members)}
+        members, generations = self.registry.live_members(shard), self.registry.generations(shard)
+        todo = {h for o in orders if attainable_depth(o["slices"], members)
+                for h in self.lineages(o["slices"], members, generations)}
         return sum(not self._usable(h) for h in todo)

@@ -3,9 +3,10 @@
 `delete` never trains and never scans the data: it looks records up by key, erases their content,
 truncates the orders of the shards they sat in, switches the served set, proves from the stored lineage
 that no served artifact saw a deleted id, retires every stage that did see one (their files are
-shredded once the deletion commits), and, once committed, destroys the records' keys. `rebuild` brings
-truncated orders back to full depth on the current data (it is also how a run is first trained),
-switching the served set order by order.
+shredded once the deletion commits), appends the signed receipt to the ledger (`s3t.ledger`) and, once
+committed, destroys the records' keys. `rebuild` brings truncated orders back to full depth and stale
+orders (records added since they were trained) up to date on the current data (it is also how a run is
+first trained), switching the served set order by order.
 `preview` says what a deletion would do to each shard without doing it (the service's abuse guard).
 """
 
@@ -22,16 +23,19 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from . import ledger
 from .errors import ConflictError, IntegrityError
 from .registry import Registry, utcnow
 from .truncation import attainable_depth, choose_served, deletions_to_drop, truncate
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from .batch import Batch
     from .training import Trainer
 
-__all__ = ["Applied", "Receipt", "apply", "delete", "preview", "rebuild", "restorable", "served_component",
-           "subject_digest", "write_ledger_entry"]
+__all__ = ["Applied", "Receipt", "apply", "delete", "preview", "rebuild", "restorable", "current_depth",
+           "served_component", "subject_digest", "write_ledger_entry"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,8 @@ class Applied:
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
            reference: str | None = None,
            erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
-           idempotency_key: str | None = None, requested_by: str | None = None) -> Receipt:
+           idempotency_key: str | None = None, requested_by: str | None = None,
+           signing_key: "Ed25519PrivateKey | None" = None) -> Receipt:
     """Delete records and/or every record of data subjects, in a transaction of its own; effective when
     this returns. (`S3T.delete` goes through `batch.DeletionQueue`, which applies concurrent requests
     in one transaction, each with `apply`.)
@@ -136,12 +141,13 @@ def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects:
     outside the database (the trunk cache) when entered, and keeps it from being recomputed until it
     exits, after the commit (`cache.erasing`): an acknowledged deletion has left no copy behind. The
     records' keys are destroyed after the commit (before it, a failed commit would lose live data); a
-    crash in between is finished by the next `S3T.open`.
+    crash in between is finished by the next `S3T.open`. The receipt is appended to the ledger's hash
+    chain, signed with `signing_key` (`s3t.ledger`).
     """
     from .batch import Batch
 
     with ExitStack() as until_committed, registry.transaction() as conn:
-        batch = Batch(registry, conn, key)
+        batch = Batch(registry, conn, key, signing_key=signing_key)
         receipt = batch.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
                                requested_by=requested_by)
         batch.flush()
@@ -191,10 +197,13 @@ def apply(batch: "Batch", *, ids: Sequence[str] = (), subjects: Sequence[str] = 
     already = tuple(sorted(r["id"] for r in rows if r["deleted_in"] is not None and r["id"] in ids))
     # 2. Erase their content; the id stays as a tombstone so a repeat reports "already deleted".
     batch.erase(live, request_id)
-    # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on.
+    # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on. A record
+    #    added since training that no stage saw yet hits nothing: every stage is exact without it.
     hit: dict[int, set[int]] = defaultdict(set)
+    seen = batch.seen([r["id"] for r in live])
     for r in live:
-        hit[r["shard"]].add(r["slice"])
+        if r["id"] in seen:
+            hit[r["shard"]].add(r["slice"])
     served = batch.served()
     depth_before = {c["shard"]: c["depth"] for c in served[1]}
     shard_orders = batch.orders(hit)
@@ -243,7 +252,7 @@ def apply(batch: "Batch", *, ids: Sequence[str] = (), subjects: Sequence[str] = 
 
 def write_ledger_entry(batch: "Batch", receipt: Receipt, *, idempotency_key: str | None, fingerprint: str) -> None:
     """One request's ledger entry, and its idempotency key, in the deletion's transaction."""
-    batch.add_ledger_entry(receipt.request_id, receipt.created_at, receipt.to_dict())
+    batch.add_ledger_entry(receipt.to_dict())
     if idempotency_key is not None:
         batch.add_idempotent(idempotency_key, fingerprint, receipt.request_id, receipt.created_at)
 
@@ -271,8 +280,10 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
                 else batch.find_records(ids=list(ids), subject_digests=digests))
         live = [r for r in rows if r["deleted_in"] is None]
         hit: dict[int, set[int]] = defaultdict(set)
+        seen = registry.seen(conn, [r["id"] for r in live])
         for r in live:
-            hit[r["shard"]].add(r["slice"])
+            if r["id"] in seen:
+                hit[r["shard"]].add(r["slice"])
         by_shard: dict[int, list[dict]] = defaultdict(list)
         for o in (registry.orders(conn, shards=hit) if batch is None else batch.orders(hit)):
             by_shard[o["shard"]].append(o)
@@ -290,20 +301,47 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
 
 
 def restorable(registry: Registry, *, orders: Sequence[dict] | None = None,
-               counts: dict[tuple[int, int], int] | None = None) -> list[dict]:
-    """The orders below the depth a training on the current data gives them (`attainable_depth`)."""
+               counts: dict[tuple[int, int], int] | None = None,
+               examples: dict[str, int] | None = None) -> list[dict]:
+    """The orders a training on the current data would change: those below the depth it gives them
+    (`attainable_depth`: deletions truncated them) and those with a trained stage whose lineage no longer
+    matches the current data (`current_depth`: records were added to its prefix)."""
     orders = registry.orders() if orders is None else orders
     counts = registry.live_counts() if counts is None else counts
-    live = {cell for cell, n in counts.items() if n > 0}
-    return [o for o in orders
-            if o["depth"] < attainable_depth(o["slices"], {sl for (m, sl) in live if m == o["shard"]})]
+    if examples is None:
+        examples = registry.artifact_examples(a for o in orders for a in o["artifacts"][:o["depth"]])
+    return [o for o in orders if truncated(o, counts) or current_depth(o, counts, examples) < o["depth"]]
+
+
+def truncated(order: dict, counts: dict[tuple[int, int], int]) -> bool:
+    """Whether the order is below the depth a training on the current data gives it."""
+    live = {sl for (m, sl), n in counts.items() if m == order["shard"] and n > 0}
+    return order["depth"] < attainable_depth(order["slices"], live)
+
+
+def current_depth(order: dict, counts: dict[tuple[int, int], int], examples: dict[str, int]) -> int:
+    """How many of the order's served stages saw exactly the current live records of their prefix slices.
+
+    Within an order's depth a stage never lost a record it saw (deleting one truncates the order below
+    it), so the live records of its prefix are those it saw plus, possibly, records added since. Its
+    example count against the live counts of its prefix cells says which, without reading a record.
+    """
+    total = 0
+    for i, slice_ in enumerate(order["slices"][:order["depth"]]):
+        total += counts.get((order["shard"], slice_), 0)
+        if examples.get(order["artifacts"][i]) != total:
+            return i
+    return order["depth"]
 
 
 def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None) -> int:
-    """Train every order that is below its attainable depth on the current data; return how many were completed.
+    """Train every `restorable` order on the current data; return how many were completed.
 
     After each order, one transaction re-checks that none of its artifacts saw a record deleted while it
-    trained (such a result is discarded and left for the next rebuild) and switches the served set.
+    trained (such a result is discarded and left for the next rebuild) and switches the served set. Stages
+    the order no longer uses and no other order uses either (superseded by a retraining on added data) are
+    unregistered with it, then shredded (the caller holds the training lock; after a crash in between,
+    its sweep shreds them).
     """
     completed = 0
     by_shard: dict[int, list[dict]] = defaultdict(list)
@@ -316,12 +354,19 @@ def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str],
             if stale := registry.saw_deleted(conn, lineages):
                 registry.retire(conn, stale)   # a deletion raced this training: never serve it
                 return
+            before = next(o["artifacts"] for o in registry.orders(conn, shards=[order["shard"]])
+                          if o["position"] == order["position"])
             registry.set_stages(conn, order["shard"], order["position"], lineages)
             registry.set_depth(conn, order["shard"], order["position"], len(lineages))
+            superseded = registry.unreferenced(conn, set(before) - set(lineages))
+            registry.unregister(conn, superseded)
             shard_orders = registry.orders(conn, shards=[order["shard"]])
             for shard, capacity in _capacities(shard_orders).items():
                 registry.set_capacity(conn, shard, capacity)
             _serve(registry, conn, registry.served(conn), shard_orders)
+        for lineage_hash in sorted(superseded):   # the caller holds the training lock: nobody saves one meanwhile
+            trainer.store.shred(lineage_hash)
+        trainer.forget(superseded)
         completed += 1
 
     for shard, shard_orders in sorted(by_shard.items()):

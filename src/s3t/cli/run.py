@@ -1,4 +1,4 @@
-"""Commands over one run: the demo, train, predict, delete, status and restore."""
+"""Commands over one run: the demo, train, predict, delete, add, status and restore."""
 
 from __future__ import annotations
 
@@ -168,6 +168,28 @@ def delete(run_dir: RunDir,
 
 @app.command()
 @user_errors
+def add(run_dir: RunDir,
+        data: Annotated[str, typer.Option(help="New records of the run's kind: .jsonl or .csv with id,text,label (or id,image,label, or id,prompt,completion; and subject, risk), or a folder of images (one subfolder per label).")],
+        replace_deleted: Annotated[bool, typer.Option(help="Store records under the ids of deleted ones as new records (refused otherwise).")] = False,
+        as_json: AsJson = False) -> None:
+    """Add records without training: the served model stays as it is until `s3t restore` trains them in.
+
+    Example: s3t add runs/news --data new.jsonl && s3t restore runs/news
+    """
+    system = open_run(run_dir)
+    addition = system.add(_load_data(data), replace_deleted=replace_deleted)
+    if as_json:
+        print(json.dumps(addition.to_dict(), indent=2))
+        return
+    st = system.status()
+    console.print(f"request {addition.request_id}: added {addition.records} records ({len(addition.replaced)} under "
+                  f"ids of deleted records) to {len(addition.cells)} cells; the served model has not seen "
+                  f"{st.unseen_records} live records; {st.stale_orders} stale orders: `s3t restore {run_dir}` trains "
+                  "them in", markup=False)
+
+
+@app.command()
+@user_errors
 def status(run_dir: RunDir, as_json: AsJson = False) -> None:
     """Show shards, live orders, served depths and how many deletions each shard can still absorb.
 
@@ -179,23 +201,29 @@ def status(run_dir: RunDir, as_json: AsJson = False) -> None:
     if as_json:
         print(json.dumps(asdict(st) | {"serving": st.serving}, indent=2))
         return
-    table = Table("shard", "live orders", "served order", "served depth", "deletions to drop",
+    table = Table("shard", "live orders", "served order", "served depth", "deletions to drop", "unseen records",
                   title=f"{escape(str(run_dir))}: {st.live_records} live / {st.deleted_records} deleted records, "
                         f"served set v{st.served_version}")
     for s in st.shards:
         table.add_row(str(s.shard), f"{s.live_orders}/{s.orders}", str(s.served_order), str(s.served_depth),
-                      str(s.deletions_to_drop))
+                      str(s.deletions_to_drop), str(s.unseen_records))
     console.print(table)
     if not st.trained:
         console.print(f"not trained yet: run `s3t train {run_dir}`", markup=False)
-    elif st.truncated_orders:
-        console.print(f"{st.truncated_orders} truncated orders: `s3t restore {run_dir}` retrains them", markup=False)
+    else:
+        if st.truncated_orders:
+            console.print(f"{st.truncated_orders} truncated orders: `s3t restore {run_dir}` retrains them", markup=False)
+        if st.stale_orders:
+            console.print(f"{st.stale_orders} stale orders (records were added since they were trained): "
+                          f"`s3t restore {run_dir}` retrains them", markup=False)
+        if st.unseen_records:
+            console.print(f"the served model has not seen {st.unseen_records} live records", markup=False)
 
 
 @app.command()
 @user_errors
 def restore(run_dir: RunDir, quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
-    """Retrain truncated orders on the current data, switching each in when done.
+    """Retrain truncated and stale orders on the current data, switching each in when done.
 
     Example: s3t restore runs/news
     """

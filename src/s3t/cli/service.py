@@ -42,11 +42,13 @@ def serve(run_dir: RunDir,
           trusted_proxy: Annotated[Optional[list[str]], typer.Option("--trusted-proxy", help="Address of a reverse proxy whose X-Forwarded-For is believed (repeatable; default: none).")] = None,
           docs: Annotated[bool, typer.Option(help="Serve interactive docs at /docs (Swagger UI, loaded from a CDN by the browser).")] = False,
           restore_below: Annotated[Optional[int], typer.Option(min=1, help="Restore in the background when a shard's served depth is below this (default: only on POST /v1/restore).")] = None,
+          train_added: Annotated[bool, typer.Option(help="Train added records in in the background (restore stale orders).")] = True,
+          audit_replay: Annotated[bool, typer.Option(help="Let GET /v1/audit?replay=N retrain stages in this process (predictions wait meanwhile).")] = False,
           restore_poll: Annotated[float, typer.Option(help="Seconds between the restoration worker's policy checks.")] = 2.0,
           worker: Annotated[bool, typer.Option(help="Run the background restoration worker.")] = True,
           preload: Annotated[bool, typer.Option(help="Load the model at startup rather than on the first prediction.")] = True,
           log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="Server log verbosity.")] = "info") -> None:
-    """Serve predictions and deletions over HTTP (FastAPI; OpenAPI document at /openapi.json).
+    """Serve predictions, deletions, additions and the audit over HTTP (FastAPI; OpenAPI document at /openapi.json).
 
     Example: s3t serve runs/news --port 8000 --guard hold --restore-below 2
     """
@@ -61,7 +63,8 @@ def serve(run_dir: RunDir,
         max_held=max_held, idempotency_ttl_s=idempotency_ttl, prediction_queue=prediction_queue, docs=docs,
         max_batch=max_batch,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-        restore_below=restore_below, restore_poll_s=restore_poll, worker=worker, preload=preload)
+        restore_below=restore_below, train_added=train_added, audit_replay=audit_replay, restore_poll_s=restore_poll,
+        worker=worker, preload=preload)
     run_server(run_dir, host=host, port=port, settings=settings, trusted_proxies=trusted_proxy or (),
                log_level=log_level)
 
@@ -82,7 +85,7 @@ def token() -> None:
 @user_errors
 def token_create(run_dir: RunDir,
                  name: Annotated[str, typer.Option(help="What the token is for (shown in listings).")] = "token",
-                 role: Annotated[Optional[list[str]], typer.Option("--role", help="predict, delete, metrics (read-only: /metrics, detailed status) or admin (repeatable; admin implies all).")] = None,
+                 role: Annotated[Optional[list[str]], typer.Option("--role", help="predict, delete, ingest (add records), metrics (read-only: /metrics, detailed status) or admin (repeatable; admin implies all).")] = None,
                  rate: Annotated[Optional[float], typer.Option(help="Requests per second (default: the server's --rate).")] = None,
                  quota: Annotated[Optional[int], typer.Option(help="Deletion items per UTC day (default: the server's --quota).")] = None,
                  as_json: AsJson = False) -> None:

@@ -5,7 +5,8 @@ reads each have their own threads, so a flood of predictions cannot delay a dele
 for deletions and review decisions, queued for the run's group commit and awaited as a future;
 errors map to statuses in one table (`STATUS`): bad input 422 (duplicate JSON keys included), body too
 large 413, no or unknown token 401, missing role 403, unknown id 404 (also for another token's), a
-conflicting idempotency key or a decided held request 409, rate limit, quota or held-request cap 429
+conflicting idempotency key, a decided held request, an id already in the run or a re-add while a
+restore runs 409, rate limit, quota or held-request cap 429
 (with Retry-After), prediction queue full, model not trained or every shard deleted away 503. Error
 messages never name the server's paths. See `core` for the concurrency and visibility semantics.
 """
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,13 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import (AuthError, BusyError, ConflictError, DataError, ForbiddenError, NeedsRestoreError,
-                      NotFoundError, NotTrainedError, RateLimitError, S3TError)
+                      NotFoundError, NotTrainedError, RateLimitError, RunBusyError, S3TError)
 from .auth import Token
 from .core import Service
 from .metrics import CONTENT_TYPE
-from .models import (DeletionRequest, ErrorOut, FlagOut, FlagPage, GenerateRequest, GenerateResponse, HealthResponse,
-                     HeldResponse, PredictImagesRequest, PredictRequest, PredictResponse, ReceiptOut, RestoreResponse,
-                     ReviewDecision, StatusResponse)
+from .models import (AdditionOut, AddRecordsRequest, AuditOut, DeletionRequest, ErrorOut, FlagOut, FlagPage,
+                     GenerateRequest, GenerateResponse, HealthResponse, HeldResponse, PredictImagesRequest,
+                     PredictRequest, PredictResponse, ReceiptOut, RestoreResponse, ReviewDecision, StatusResponse)
 from .settings import ServiceSettings
 
 __all__ = ["create_app", "serve", "uvicorn_config"]
@@ -50,6 +52,7 @@ STATUS: list[tuple[type[S3TError], int, str]] = [
     (BusyError, 503, "busy"),
     (NotFoundError, 404, "not_found"),
     (ConflictError, 409, "conflict"),
+    (RunBusyError, 409, "conflict"),
     (DataError, 422, "invalid"),
     (NotTrainedError, 503, "unavailable"),
     (NeedsRestoreError, 503, "unavailable"),
@@ -101,6 +104,7 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     Viewer = Annotated[Token | None, Depends(caller("predict", "metrics"))]
     Deleter = Annotated[Token, Depends(caller("delete"))]
     Eraser = Annotated[Token, Depends(caller("delete", cached=True))]   # its group commit re-checks revocation
+    Ingester = Annotated[Token, Depends(caller("ingest"))]
     Watcher = Annotated[Token, Depends(caller("metrics"))]
     Admin = Annotated[Token, Depends(caller("admin"))]
 
@@ -170,6 +174,34 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     async def receipt(request_id: Annotated[str, PathParam(max_length=64)], token: Deleter) -> dict:
         """The stored receipt of a deletion request (a non-admin token sees its own requests only)."""
         return (await reads.run(service.receipt, token, request_id)).to_dict()
+
+    @app.post("/v1/records", response_model=AdditionOut, tags=["records"])
+    async def add_records(body: AddRecordsRequest, token: Ingester) -> dict:
+        """Add records (ingest): no training here; the served model is unchanged until the background worker
+        (or `s3t restore`) trains them in. An id already in the run, or of a deleted record without
+        `replace_deleted`, is refused with 409."""
+        from ..records import Dataset
+
+        data = Dataset.from_records([r.model_dump(exclude_none=True) for r in body.records])
+        # Beside the reads, not in the write lane: a re-add may wait for the training lock, deletions never do.
+        addition = await reads.run(service.add, token, data, replace_deleted=body.replace_deleted)
+        st = await reads.run(service.system.status)
+        return addition.to_dict() | {"stale_orders": st.stale_orders, "unseen_records": st.unseen_records}
+
+    @app.get("/v1/audit", response_model=AuditOut, tags=["audit"])
+    async def audit(_admin: Admin,
+                    replay: str = Query("0", pattern=r"^(all|[0-9]{1,6})$",
+                                        description="Served stages to retrain bit for bit: a number or `all` "
+                                                    "(a server started with --audit-replay; it holds the model, "
+                                                    "so predictions wait)."),
+                    seed: int | None = Query(None, ge=0, description="Seed of the replay's sample.")) -> dict:
+        """Audit the run (admin): files and hashes, orphans, stored lineage against the ledger's deletions,
+        the ledger's hash chain and signatures, erasure, and optionally stages replayed bit for bit."""
+        count = replay if replay == "all" else int(replay)
+        lane = model if count and service.settings.audit_replay else reads
+        report = await lane.run(service.audit, replay=count, seed=seed)
+        return {"passed": report.passed, "checked_at": report.checked_at, "failures": report.failures,
+                "checks": [asdict(c) for c in report.checks]}
 
     @app.get("/v1/status", response_model=StatusResponse, tags=["status"])
     async def status(token: Viewer) -> Response:

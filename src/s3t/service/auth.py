@@ -3,8 +3,9 @@
 A token is `s3t_` + 43 random URL-safe characters, shown once at creation; the registry keeps its
 SHA-256 (a high-entropy secret needs no slow hash) and a short public id used in listings, logs and
 receipts. Roles: `predict` (predictions, the coarse status), `delete` (deletions, one's own receipts and
-held requests), `metrics` (read-only: /metrics and the detailed status, per-shard capacity included),
-`admin` (everything, plus restoration and the review of held requests).
+held requests), `ingest` (adding records), `metrics` (read-only: /metrics and the detailed status,
+per-shard capacity included), `admin` (everything, plus restoration, the audit and the review of held
+requests).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..registry import Registry
 
 __all__ = ["ROLES", "Token", "TokenCache", "create_token", "list_tokens", "revoke_token", "authenticate", "require"]
 
-ROLES = ("predict", "delete", "metrics", "admin")
+ROLES = ("predict", "delete", "ingest", "metrics", "admin")
 PREFIX = "s3t_"
 
 

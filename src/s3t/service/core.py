@@ -33,8 +33,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from ..audit import AuditReport
 from ..batch import Batch
 from ..errors import AuthError, ConflictError, DataError, NotFoundError, RateLimitError
+from ..ingest import Addition
+from ..records import Dataset
 from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
@@ -78,7 +81,8 @@ class Service:
         self.guard = CapacityGuard(self.settings.guard, registry)
         self.tokens = TokenCache()   # deletions re-check revocation in their transaction
         self.worker = (RestorationWorker(self.system, restore_below=self.settings.restore_below,
-                                         poll_s=self.settings.restore_poll_s, on_finish=self._restored)
+                                         poll_s=self.settings.restore_poll_s, train_added=self.settings.train_added,
+                                         on_finish=self._restored)
                        if self.settings.worker else None)
         self.metrics = Metrics(self._state)
         self.model_ready = threading.Event()
@@ -92,6 +96,10 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.system.sweep()   # shred what a crash left: retired stages, and orphans unless a trainer runs
+        try:   # here, before other threads run: an older run reads its kind from the model's config
+            self.system.kind
+        except Exception:   # the base model moved: the model's load reports it
+            pass
         self._housekeeping.start()
         if self.settings.preload:
             self.model_lane.submit(self._load_model)
@@ -376,6 +384,38 @@ class Service:
         return self.system.deletions.submit(
             lambda batch: review.reject_in(batch, self.system, flag_id, decided_by=admin.id, note=note))
 
+    # -- adding records and the audit -----------------------------------------------------------------
+    def add(self, token: Token, data: Dataset, *, replace_deleted: bool = False) -> Addition:
+        """Add records (no training here); the worker trains them in if `train_added`. Not under `write_lock`
+        and not in the write lane: a re-add waits for the training lock, and deletions must not wait with it
+        (the registry's write transaction serialises the addition with them)."""
+        addition = self.system.add(data, replace_deleted=replace_deleted, requested_by=token.id)
+        self.metrics.added_records.inc(addition.records)
+        if self.worker is not None:
+            self.worker.poke()
+        return addition
+
+    def audit(self, *, replay: int | str = 0, seed: int | None = None) -> AuditReport:
+        """The run's audit (`S3T.audit`). A replay trains on the served model's backbone, so it holds the model
+        lock and predictions wait for it: only a server started with `audit_replay` replays."""
+        if not self.model_ready.is_set():
+            # The audit names stages from the model's config: wait for the load (two threads importing
+            # transformers at once fail) rather than race it; a load that fails leaves the lineage check
+            # to skip with its reason.
+            with self.model_lock:
+                try:
+                    self.system.trainer
+                except Exception:
+                    pass
+        if replay == 0:
+            return self.system.audit()
+        if not self.settings.audit_replay:
+            raise ConflictError("this server does not replay stages (a replay trains on the served model and "
+                                "predictions wait for it): run `s3t audit RUN_DIR --replay N` next to it, or start "
+                                "the server with --audit-replay")
+        with self.model_lock:
+            return self.system.audit(replay=replay, seed=seed)
+
     # -- status and restoration ---------------------------------------------------------------------
     def status(self, token: Token | None = None) -> dict:
         """The run's state. Coarse (serving, version, live shards) unless the token has the `metrics` role:
@@ -388,7 +428,8 @@ class Service:
             return coarse
         return coarse | {
             "live_records": st.live_records, "deleted_records": st.deleted_records,
-            "truncated_orders": st.truncated_orders,
+            "truncated_orders": st.truncated_orders, "stale_orders": st.stale_orders,
+            "unseen_records": st.unseen_records,
             "capacity_left": min((s.deletions_to_drop for s in st.shards if s.served_depth > 0), default=0),
             "shards": [asdict(s) for s in st.shards],
             "restoration": self.worker.describe() if self.worker else {"state": "disabled"},

@@ -45,6 +45,10 @@ class _RunState(Collector):
         yield GaugeMetricFamily("s3t_served_version", "Version of the served set", value=status.served_version)
         yield GaugeMetricFamily("s3t_truncated_orders", "Orders below full depth", value=status.truncated_orders)
         yield GaugeMetricFamily("s3t_live_records", "Records not deleted", value=status.live_records)
+        yield GaugeMetricFamily("s3t_stale_orders", "Orders with a trained stage that misses added records",
+                                value=status.stale_orders)
+        yield GaugeMetricFamily("s3t_unseen_records", "Live records the served model has not seen",
+                                value=status.unseen_records)
         yield GaugeMetricFamily("s3t_held_requests", "Deletion requests held for an admin's review",
                                 value=state["pending_holds"])
         yield GaugeMetricFamily("s3t_restoration_running", "1 while a restoration child is training",
@@ -60,6 +64,7 @@ class Metrics:
         self.deletion_requests = Counter("s3t_deletion_requests", "Deletion requests answered, by outcome "
                                          "(applied, replayed, held)", ["outcome"], registry=r)
         self.deleted_records = Counter("s3t_deleted_records", "Records deleted", registry=r)
+        self.added_records = Counter("s3t_added_records", "Records added", registry=r)
         self.deletion_latency = Histogram("s3t_deletion_latency_seconds", "Time to apply and commit a deletion",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.prediction_requests = Counter("s3t_prediction_requests", "Prediction requests answered", registry=r)

@@ -2,8 +2,8 @@
 
 Hard limits per request: 256 texts of at most 10,000 characters; 64 images, each base64 of at most 16 MiB
 (the server's `max_image_bytes` and `max_image_pixels` bound them further once decoded); 16 prompts and 256 new
-tokens; 1,000 ids + subjects of at most 512 characters each. Bodies over the server's `max_body_bytes` are refused
-with 413 before parsing.
+tokens; 1,000 ids + subjects of at most 512 characters each; 1,000 records to add, of at most 100,000
+characters of content each. Bodies over the server's `max_body_bytes` are refused with 413 before parsing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, St
 __all__ = ["PredictRequest", "PredictImagesRequest", "PredictResponse", "GenerateRequest", "GenerateResponse",
            "DeletionRequest", "ReceiptOut", "HeldResponse", "FlagOut",
            "FlagSummaryOut", "FlagPage", "StatusResponse", "RestoreResponse", "ReviewDecision", "ErrorOut",
-           "HealthResponse",
-           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_IMAGES", "MAX_IMAGE_BASE64_CHARS", "MAX_ITEMS", "MAX_ID_CHARS"]
+           "HealthResponse", "RecordIn", "AddRecordsRequest", "AdditionOut", "AuditOut",
+           "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_IMAGES", "MAX_IMAGE_BASE64_CHARS", "MAX_ITEMS", "MAX_ID_CHARS",
+           "MAX_RECORDS", "MAX_RECORD_CHARS"]
 
 MAX_TEXTS = 256
 MAX_PROMPTS = 16          # generation runs the model once per new token: fewer prompts per request
@@ -29,6 +30,8 @@ MAX_IMAGE_BASE64_CHARS = 4 * ((16 << 20) // 3 + 1)   # base64 of 16 MiB
 MAX_ITEMS = 1_000
 MAX_ID_CHARS = 512        # the registry's column width
 MAX_REFERENCE_CHARS = 200
+MAX_RECORDS = 1_000        # records per POST /v1/records
+MAX_RECORD_CHARS = 100_000
 
 
 def _encodable(value: str) -> str:
@@ -107,6 +110,71 @@ class DeletionRequest(_Strict):
         if len(self.ids) + len(self.subjects) > MAX_ITEMS:
             raise ValueError(f"at most {MAX_ITEMS} ids + subjects per request; split the request")
         return self
+
+
+Content = Annotated[StrictStr, StringConstraints(max_length=MAX_RECORD_CHARS), AfterValidator(_encodable)]
+
+
+class RecordIn(_Strict):
+    """A record of the kind the run trains on: {id, text, label} (classification) or {id, prompt,
+    completion} (a causal LM)."""
+
+    id: Item
+    text: Content | None = Field(default=None, description="A labelled text's text (with `label`).")
+    label: Item | None = None
+    prompt: Content | None = Field(default=None, description="A prompt (with `completion`: a causal-LM run).")
+    completion: Content | None = None
+    subject: Item | None = Field(default=None, description="The data owner: all of a subject's records share a cell.")
+    risk: float | None = Field(default=None, ge=0.0, le=1.0, description="Deletion prior (prior-aware placement).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RecordIn":
+        text, prompt = (self.text, self.label), (self.prompt, self.completion)
+        if not ((all(v is not None for v in text) and all(v is None for v in prompt))
+                or (all(v is not None for v in prompt) and all(v is None for v in text))):
+            raise ValueError("a record has either `text` and `label`, or `prompt` and `completion`")
+        return self
+
+
+class AddRecordsRequest(_Strict):
+    records: list[RecordIn] = Field(min_length=1, max_length=MAX_RECORDS, description="Records to add.")
+    replace_deleted: bool = Field(default=False, description="Store records under the ids of deleted records as "
+                                                             "new records (refused with 409 otherwise).")
+
+
+class CellCount(BaseModel):
+    shard: int
+    slice: int
+    records: int
+
+
+class AdditionOut(BaseModel):
+    """What an addition did, as its ledger entry records it; the model is trained on the records later."""
+
+    request_id: str
+    created_at: str
+    records: int
+    ids_sha256: str = Field(description="SHA-256 of the sorted added ids, one per line.")
+    replaced: list[tuple[str, int]] = Field(description="(id, generation) of ids of deleted records re-added.")
+    cells: list[CellCount]
+    requested_by: str | None = None
+    stale_orders: int = Field(description="Orders that miss added records: the background worker retrains them.")
+    unseen_records: int = Field(description="Live records the served model has not seen.")
+
+
+class CheckOut(BaseModel):
+    name: str
+    status: Literal["passed", "failed", "skipped"]
+    summary: str
+    looked_at: dict[str, Any]
+    failures: list[str]
+
+
+class AuditOut(BaseModel):
+    passed: bool
+    checked_at: str
+    checks: list[CheckOut]
+    failures: list[str] = Field(description="One line per failure, prefixed with its check's name.")
 
 
 class ShardChange(BaseModel):
@@ -188,6 +256,7 @@ class ShardOut(BaseModel):
     served_order: int | None
     served_depth: int
     deletions_to_drop: int
+    unseen_records: int = 0
 
 
 class StatusResponse(BaseModel):
@@ -202,6 +271,8 @@ class StatusResponse(BaseModel):
     live_records: int | None = None
     deleted_records: int | None = None
     truncated_orders: int | None = None
+    stale_orders: int | None = Field(None, description="Orders with a trained stage that misses added records.")
+    unseen_records: int | None = Field(None, description="Live records the served model has not seen.")
     capacity_left: int | None = Field(None, description="Fewest deletions that take some live shard out of the "
                                                         "ensemble.")
     shards: list[ShardOut] | None = None

@@ -75,6 +75,8 @@ class ServiceSettings:
     rate_limit_keys: int = 100_000     # rate-limit buckets kept (least recently used dropped beyond)
     docs: bool = False                 # serve interactive docs at /docs (Swagger UI loads from a CDN)
     restore_below: int | None = None   # restore when a shard's served depth is below this; None: on request only
+    train_added: bool = True           # restore stale orders (records were added) in the background
+    audit_replay: bool = False         # let GET /v1/audit replay stages (trains on the served model: predictions wait)
     restore_poll_s: float = 2.0        # how often the worker checks the policy
     worker: bool = True                # run the background restoration worker
     preload: bool = True               # load the model at startup (in the background) instead of on first use

@@ -7,9 +7,10 @@ only after checking, in the same transaction, that none of its artifacts saw a r
 trained; such a result is discarded and that order is retrained on the next run.
 
 Policy: a run starts when an admin asks (POST /v1/restore; remembered in the registry until a run
-completes, so a restart resumes it) or when some shard's served depth is below `restore_below`. After a
-run the policy waits for the served set to change before triggering again, so a shard that cannot be
-restored (all its records deleted) does not spin. One trainer at a time per run folder (the library's
+completes, so a restart resumes it), when some shard's served depth is below `restore_below`, or (with
+`train_added`) when records were added that some trained order has not seen (stale orders). After a run
+the policy waits for the served set or the record counts to change before triggering again, so a shard
+that cannot be restored (all its records deleted) does not spin. One trainer at a time per run folder (the library's
 training lock: a child that finds it held exits BUSY), and the child dies with the server (Linux
 parent-death signal).
 """
@@ -40,10 +41,11 @@ BUSY = 75   # exit code of a child that found another process training the run (
 class RestorationWorker:
     """Starts restoration children by policy or on request; never blocks its caller."""
 
-    def __init__(self, system, *, restore_below: int | None, poll_s: float,
+    def __init__(self, system, *, restore_below: int | None, poll_s: float, train_added: bool = False,
                  on_finish: Callable[[str, int], None] = lambda outcome, orders: None) -> None:
         self.system = system
         self.restore_below = restore_below
+        self.train_added = train_added
         self.poll_s = poll_s
         self.on_finish = on_finish
         self.state = "idle"
@@ -53,7 +55,7 @@ class RestorationWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._child: subprocess.Popen | None = None
-        self._version_after_last_run: int | None = None
+        self._state_after_last_run: tuple[int, int, int] | None = None   # (served version, live, deleted)
         self._backoff = poll_s
         self._thread = threading.Thread(target=self._loop, name="s3t-restoration", daemon=True)
 
@@ -83,21 +85,23 @@ class RestorationWorker:
         return self.system.registry.get_meta(REQUEST_KEY) is not None
 
     def describe(self) -> dict:
-        return {"state": self.state, "policy": {"restore_below": self.restore_below}, "requested": self.requested(),
+        return {"state": self.state, "policy": {"restore_below": self.restore_below, "train_added": self.train_added},
+                "requested": self.requested(),
                 "runs": dict(self.runs), "orders_restored": self.orders_restored, "last": self.last}
 
     # -- the loop -----------------------------------------------------------------------------------
     def _due(self) -> bool:
         if self.requested():
             return True
-        if self.restore_below is None:
+        if self.restore_below is None and not self.train_added:
             return False
         status = self.system.status()
-        if not status.trained or not status.truncated_orders:
-            return False
-        if status.served_version == self._version_after_last_run:
+        if not status.trained or _state(status) == self._state_after_last_run:
             return False   # nothing changed since the last run: it would restore nothing more
-        return any(s.served_depth < self.restore_below for s in status.shards)
+        if self.train_added and status.stale_orders:
+            return True
+        return (self.restore_below is not None and status.truncated_orders > 0
+                and any(s.served_depth < self.restore_below for s in status.shards))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -135,11 +139,16 @@ class RestorationWorker:
             self._stop.wait(self._backoff)   # another run holds the lock, or this one failed: back off
             self._backoff = min(60.0, self._backoff * 2)
         self.runs[outcome] += 1
-        self._version_after_last_run = self.system.status().served_version if outcome == "completed" else None
+        self._state_after_last_run = _state(self.system.status()) if outcome == "completed" else None
         self.last = {"started_at": started, "finished_at": utcnow(), "outcome": outcome, "orders": orders,
                      "seconds": round(time.perf_counter() - t0, 3)}
         self.state = "idle"
         self.on_finish(outcome, orders)
+
+
+def _state(status) -> tuple[int, int, int]:
+    """What a restoration run can change, or a deletion or an addition: the policy re-triggers on a change."""
+    return status.served_version, status.live_records, status.deleted_records
 
 
 # -- the child process ------------------------------------------------------------------------------
