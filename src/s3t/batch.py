@@ -12,7 +12,8 @@ Each request is a unit of work run against the batch's `Batch` inside a savepoin
 every request sees what the ones before it did (a record deleted earlier in the batch is "already
 deleted"; the service's guard and quotas count the requests ahead of it), and a request that fails
 (an idempotency conflict, a lineage check, a quota) rolls back alone while the others go on. Each gets
-its own ledger entry, idempotency key and usage count, exactly as if it had committed alone.
+its own idempotency key, usage count and signed ledger entry, chained in request order (a request rolled
+back leaves no entry and no gap in the chain), exactly as if it had committed alone.
 
 Acknowledged still means durably applied: after the one commit, the batch destroys the keys of every
 record it deleted (crypto-shredding, one fsync for the batch), shreds the stages it retired
@@ -55,10 +56,12 @@ class Batch:
     also the deletion path's view of the registry inside that transaction: what it reads (records, the
     served set, orders, capacities, idempotency keys) is read once and kept in step with its own writes,
     since nothing else writes while the transaction holds the write lock; the writes every request makes
-    (erasing its records, its ledger entry and idempotency key, its usage count) are staged and written
-    in one statement each by `flush`, before the commit. Rarer writes (a depth, a served set, retired
-    stages) go to the database at once. A request that fails is rewound: its staged writes are dropped,
-    its immediate ones rolled back to its savepoint, and the cached reads re-read.
+    (erasing its records, its idempotency key, its usage count) are staged and written in one statement
+    each by `flush`, before the commit. Its ledger entry goes to the database at once, in its savepoint
+    (`ledger.append` links it to the chain's head, so entries are chained in request order), and so do
+    rarer writes (a depth, a served set, retired stages). A request that fails is rewound: its staged
+    writes are dropped, its immediate ones (its ledger entry included) rolled back to its savepoint, and
+    the cached reads re-read.
     """
 
     def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
