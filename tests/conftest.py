@@ -37,8 +37,17 @@ def pytest_configure(config) -> None:
 
 
 def pytest_generate_tests(metafunc) -> None:
-    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_databases"):
-        metafunc.parametrize("database", DATABASES, indirect=True, scope="session")
+    """`database` is parametrized for every test that uses it: SQLite, and PostgreSQL too where marked
+    `both_databases` (a test that parametrizes `database` itself is left alone). One parameter for all,
+    so a module-scoped fixture (e.g. a server) is shared by marked and unmarked tests on SQLite."""
+    if "database" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "database" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)):
+            return
+    kinds = DATABASES if metafunc.definition.get_closest_marker("both_databases") else ("sqlite",)
+    metafunc.parametrize("database", kinds, indirect=True, scope="session")
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,15 @@ class Batch:
             self._keys_checked.add(key)
         return key in self._flag_keys
 
+    def expire_key(self, key: str, *, before: str) -> None:
+        """`Registry.expire_idempotent` for one key, in the batch: what the batch read about the key is
+        forgotten (re-read on demand), so the request that expired it is a new request, as it would be
+        in a transaction of its own."""
+        self.registry.expire_idempotent(self.conn, before=before, key=key)
+        self._idempotent.pop(key, None)
+        self._flag_keys.discard(key)
+        self._keys_checked.discard(key)
+
     def note_flag(self, key: str) -> None:
         """A request in this batch was held under this idempotency key: a later one with the same key in the
         same batch must find that hold (as it would in a transaction of its own)."""

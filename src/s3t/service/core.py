@@ -299,11 +299,11 @@ class Service:
                 "(GET /v1/review/{id} shows each one's status)", retry_after=60.0)
 
     def _replay(self, batch: Batch, key: str, **request) -> DeletionOutcome | None:
-        registry, conn = self.system.registry, batch.conn
+        conn = batch.conn
         cutoff = self._key_cutoff()
         held = review.flag_for_key(self.system, key, conn) if batch.has_flag(key) else None
         if held is not None and held[0].status != "pending" and (held[0].decided_at or "") < cutoff:
-            registry.expire_idempotent(conn, before=cutoff, key=key)   # decided longer ago than the TTL: free again
+            batch.expire_key(key, before=cutoff)   # decided longer ago than the TTL: free again
             held = None
         if held is not None:
             flag, fingerprint = held
@@ -322,7 +322,7 @@ class Service:
             return None
         stored = batch.receipt(seen["request_id"])
         if stored["created_at"] < cutoff:   # expired: a repeat is a new request (its receipt: "already deleted")
-            registry.expire_idempotent(conn, before=cutoff, key=key)
+            batch.expire_key(key, before=cutoff)
             return None
         # The library checks the request matches the key's and returns the stored receipt.
         return DeletionOutcome("replayed", receipt=batch.delete(idempotency_key=key, **request), replayed=True)
