@@ -135,8 +135,9 @@ def test_a_token_revoked_after_it_was_authenticated_is_refused_in_the_batch(trai
 
 
 def test_a_failed_commit_acknowledges_nothing(trained, monkeypatch):
-    """The staged ledger write fails for every batch and every retry: no request is answered with a
-    receipt, no record is erased, no key destroyed, the ledger is empty."""
+    """The staged erasure write fails for every batch and every retry (after each request appended its
+    ledger entry): no request is answered with a receipt, no record is erased, no key destroyed, and the
+    ledger entries went with the rolled-back transaction."""
     by = cells(trained)
     victims = [by[0, 0][0], by[0, 1][0], by[1, 0][0]]
     slots = trained.registry.key_slots(victims)
@@ -144,10 +145,11 @@ def test_a_failed_commit_acknowledges_nothing(trained, monkeypatch):
     real_destroy = trained.registry.keys.destroy
     monkeypatch.setattr(trained.registry.keys, "destroy", lambda s: (destroyed.extend(s), real_destroy(s))[1])
 
-    def broken(conn, rows):
-        if rows:
+    def broken(conn, erased):
+        if erased:
             raise OSError(28, "No space left on device")
-    monkeypatch.setattr(trained.registry, "add_receipts", broken)
+    monkeypatch.setattr(trained.registry, "erase_many", broken)
+    entries = len(trained.registry.ledger_entries())
     held = Held(trained)
     futures = [submit(trained, ids=[v]) for v in victims]
     held.release()
@@ -158,7 +160,7 @@ def test_a_failed_commit_acknowledges_nothing(trained, monkeypatch):
     assert all(v is not None for v in trained.registry.keys.keys(slots.values()).values())
     assert not any(deleted for _s, _sl, deleted in trained.registry.locate(victims).values())
     with trained.registry.engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(ledger)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(ledger)).scalar() == entries == 0
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
