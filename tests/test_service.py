@@ -147,7 +147,7 @@ def test_token_cli_create_list_revoke_and_the_server_refuses_at_once(server, run
     again = runner.invoke(app, ["token", "revoke", str(run), info["id"]])
     assert again.exit_code == 1 and "no live token" in again.stderr
     bad = runner.invoke(app, ["token", "create", str(run), "--role", "root"])
-    assert bad.exit_code == 1 and "predict, delete, metrics, admin" in bad.stderr   # the metrics role is new
+    assert bad.exit_code == 1 and "predict, delete, ingest, metrics, admin" in bad.stderr   # metrics, ingest roles are new
 
 
 # -- predictions and status -----------------------------------------------------------------------------
