@@ -3,11 +3,20 @@ images, so tests stay fast. `case` runs a test once per classifying family (text
 
 S3T_TEST_DEVICE=cuda runs the plans of these fixtures on the GPU (benchmarks/gpu_check.py does); by default
 they run on the CPU whatever the machine has, so the suite's bits do not depend on it.
+
+Databases: runs are SQLite in their folder unless a test is marked `both_databases` (or parametrizes
+`database` itself), which then also runs on PostgreSQL, each run in a schema of its own; on the text
+family only (an image run's registry path is the same). The server is S3T_TEST_POSTGRES_URL's (`.ci/run`
+starts one), or else one this session starts in a temp folder (tests/postgres.py) when PostgreSQL's
+binaries are installed; with neither, or with S3T_TEST_POSTGRES=off, the PostgreSQL cases are skipped and
+say why.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +24,109 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import postgres  # noqa: E402  (tests/postgres.py)
 import s3t  # noqa: E402
 from s3t import datasets  # noqa: E402
 
 TEST_DEVICE = os.environ.get("S3T_TEST_DEVICE", "cpu")
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "both_databases: run the module's tests on SQLite and on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """`database` is parametrized for every test that uses it: SQLite, and PostgreSQL too where marked
+    `both_databases` (a test that parametrizes `database` itself is left alone). One parameter for all,
+    so a module-scoped fixture (e.g. a server) is shared by marked and unmarked tests on SQLite."""
+    if "database" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "database" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)):
+            return
+    kinds = DATABASES if metafunc.definition.get_closest_marker("both_databases") else ("sqlite",)
+    metafunc.parametrize("database", kinds, indirect=True, scope="session")
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where the tests' runs keep their registry: SQLite in the run folder, or a fresh PostgreSQL schema."""
+
+    kind: str
+    url: str | None = None
+
+    @property
+    def postgres(self) -> bool:
+        return self.kind == "postgresql"
+
+    def create_args(self) -> dict:
+        """`S3T.create` keyword arguments for a new run (a schema of its own on PostgreSQL)."""
+        if not self.postgres:
+            return {}
+        return {"database_url": self.url, "database_schema": postgres.new_schema(self.url)}
+
+    def create(self, path: Path, plan: s3t.Plan, data: s3t.Dataset) -> s3t.S3T:
+        return s3t.S3T.create(path, plan, data, **self.create_args())
+
+
+def copy_run(source: Path, dest: Path) -> Path:
+    """A private copy of a run: its folder, and on PostgreSQL its schema (never shared with the original)."""
+    import json
+
+    shutil.copytree(source, dest)
+    info = json.loads((dest / "run.json").read_text())
+    if info.get("database_schema"):
+        info["database_schema"] = postgres.clone_schema(info["database_url"], info["database_schema"])
+        (dest / "run.json").write_text(json.dumps(info, indent=2))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (started for this session if none is given); skips without one."""
+    if os.environ.get("S3T_TEST_POSTGRES", "").lower() == "off":
+        pytest.skip("PostgreSQL cases skipped: S3T_TEST_POSTGRES=off")
+    if url := os.environ.get(postgres.ENV):
+        yield url
+        return
+    if postgres.binaries() is None:
+        pytest.skip(f"PostgreSQL cases skipped: no server. Set {postgres.ENV}=postgresql+psycopg://USER@HOST:PORT/DB "
+                    "or install PostgreSQL (initdb, pg_ctl and postgres on PATH); `.ci/run` starts one")
+    folder = Path(tempfile.mkdtemp(prefix="s3t-pg-"))
+    os.chmod(folder, 0o711)   # the server may run as another user (PostgreSQL refuses root)
+    try:
+        url = postgres.start(folder / "cluster")
+    except Exception as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"PostgreSQL cases skipped: could not start a server ({exc})")
+    try:
+        yield url
+    finally:
+        postgres.stop(folder / "cluster")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database(request) -> Database:
+    """SQLite, unless the test is parametrized with "postgresql" (modules marked `both_databases`)."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "postgresql":
+        return Database(kind, request.getfixturevalue("postgres_url"))
+    return Database(kind)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """PostgreSQL variants run on the text family only: deselect their image cases."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        image = "image" in (params.get("case"), params.get("trained_case"))
+        (drop if image and params.get("database") == "postgresql" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +201,12 @@ def case(request) -> Case:
 
 
 @pytest.fixture
-def make_run(tmp_path):
+def make_run(tmp_path, database):
     """Create (and clean up) runs in a temporary folder: make_run(plan, data, name="a")."""
     created = []
 
     def make(plan: s3t.Plan, data: s3t.Dataset, name: str = "run") -> s3t.S3T:
-        system = s3t.S3T.create(tmp_path / name, plan, data)
+        system = database.create(tmp_path / name, plan, data)
         created.append(system)
         return system
 
@@ -108,23 +216,28 @@ def make_run(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory, tiny_plan, tiny_data) -> Path:
+def _trained_runs() -> dict:
+    """Trained tiny runs by database kind, built once per session (a fixture switching its database
+    parameter back and forth must not retrain)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory, tiny_plan, tiny_data, database, _trained_runs) -> Path:
     """A trained tiny run, read-only for tests (copy it with `copy_run` before changing it)."""
-    path = tmp_path_factory.mktemp("trained") / "run"
-    system = s3t.S3T.create(path, tiny_plan, tiny_data)
-    system.train(progress=False)
-    system.close()
-    return path
+    if database.kind not in _trained_runs:
+        path = tmp_path_factory.mktemp(f"trained-{database.kind}") / "run"
+        system = database.create(path, tiny_plan, tiny_data)
+        system.train(progress=False)
+        system.close()
+        _trained_runs[database.kind] = path
+    return _trained_runs[database.kind]
 
 
 @pytest.fixture
 def trained(trained_dir, tmp_path) -> s3t.S3T:
     """A private copy of the trained tiny run."""
-    import shutil
-
-    path = tmp_path / "copy"
-    shutil.copytree(trained_dir, path)
-    system = s3t.S3T.open(path)
+    system = s3t.S3T.open(copy_run(trained_dir, tmp_path / "copy"))
     yield system
     system.close()
 
@@ -140,14 +253,11 @@ def trained_image_dir(tmp_path_factory, tiny_image_plan, tiny_image_data) -> Pat
 
 
 @pytest.fixture(params=["text", "image"])
-def trained_case(request, tmp_path) -> tuple[s3t.S3T, s3t.Dataset]:
-    """(a private copy of a trained tiny run, its data), once per classifying family."""
-    import shutil
-
+def trained_case(request, tmp_path, database) -> tuple[s3t.S3T, s3t.Dataset]:
+    """(a private copy of a trained tiny run, its data), once per classifying family (the text run on the
+    test's database; the image run on SQLite, see `pytest_collection_modifyitems`)."""
     source, data = (("trained_dir", "tiny_data") if request.param == "text" else
                     ("trained_image_dir", "tiny_image_data"))
-    path = tmp_path / "copy"
-    shutil.copytree(request.getfixturevalue(source), path)
-    system = s3t.S3T.open(path)
+    system = s3t.S3T.open(copy_run(request.getfixturevalue(source), tmp_path / "copy"))
     yield system, request.getfixturevalue(data)
     system.close()

@@ -197,6 +197,7 @@ class FaultFigures:
     duplicates: int = 0        # idempotency keys that produced more than one ledger entry
     restorations: int = 0      # restoration runs that completed between kills
     orphans: int = 0           # restoration children that outlived a killed server
+    grouped: int = 0           # requests that shared a group commit with an earlier one (seen before kills)
     errors: list = field(default_factory=list)   # answers other than 200 (there must be none)
     seconds: float = 0.0
     receipts: dict = field(default_factory=dict, repr=False)   # idempotency key -> acknowledged receipt
@@ -204,6 +205,18 @@ class FaultFigures:
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("receipts", "errors")} | {
             "errors": len(self.errors)}
+
+
+def _grouped(server: Server, token: str) -> int:
+    """Deletion requests the server applied in a transaction shared with an earlier one, from /metrics
+    (0 if it cannot tell: the token lacks the metrics role, or the server is busy)."""
+    try:
+        text = server.client(token, timeout=10.0).get("/metrics").text
+    except httpx.HTTPError:
+        return 0
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("s3t_deletion_batches_total ", "s3t_deletion_batched_requests_total "))}
+    return int(values.get("s3t_deletion_batched_requests_total", 0) - values.get("s3t_deletion_batches_total", 0))
 
 
 def check_run(run_dir: Path, figures: FaultFigures) -> None:
@@ -296,6 +309,7 @@ def fault_injection(run_dir: Path, token: str, *, kills: int, seed: int, ids: li
                 t.start()
             long_cycle = long_every and cycle % long_every == long_every - 1
             time.sleep(rng.uniform(*(long_s if long_cycle else short_s)))
+            figures.grouped += _grouped(server, token)
             if long_cycle:
                 with server.client(token, timeout=120.0) as client:   # a loaded machine answers late, not wrong
                     figures.restorations += client.get("/v1/status").json()["restoration"]["runs"]["completed"]

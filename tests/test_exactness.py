@@ -14,6 +14,10 @@ import torch
 from s3t.environment import pinned
 from s3t.inference import aggregate, shard_logits
 
+# The contract holds whichever database keeps the registry: the full cycle (deletions, then restore, each
+# compared with fresh training) runs on PostgreSQL too; the other tests exercise training and truncation
+# logic that no database query decides differently.
+
 
 def served_tensors(system, components):
     """The tensors of every served artifact, loaded from the system's own store (hash-verified)."""
@@ -36,8 +40,9 @@ def assert_same_model(a, b, components, texts):
     assert np.array_equal(pa, aggregate(logits_b, b.plan.aggregation))
 
 
-@pytest.mark.parametrize("method", ["s3t", "sisa"])
-def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, make_run, case):
+@pytest.mark.parametrize("method,database", [("s3t", "sqlite"), ("sisa", "sqlite"), ("s3t", "postgresql")],
+                         indirect=["database"])
+def test_deletions_then_restore_equal_fresh_training_on_reduced_data(method, database, make_run, case):
     tiny_plan, tiny_data = case.plan.replace(method=method), case.data
     trained = make_run(tiny_plan, tiny_data, name="trained").train(progress=False)
     rng = random.Random(7)

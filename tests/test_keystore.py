@@ -125,8 +125,9 @@ def test_a_held_request_is_sealed_and_its_key_destroyed_by_the_decision(trained,
     from s3t.service import review
 
     name, rid = "Jane Q. Heldperson", tiny_data[11].id
-    flag = review.hold(trained, token_id="tok", ids=[rid], subjects=[name], reference="ticket-9",
-                       reason="test", idempotency_key="k")
+    flag = trained.deletions.submit(lambda batch: review.hold(
+        trained, batch, token_id="tok", ids=[rid], subjects=[name], reference="ticket-9", reason="test",
+        idempotency_key="k")).result()
     assert flag.ids == (rid,) and flag.subjects == 1   # readable while pending
     row, = trained.registry.flagged(flag_id=flag.id)
     slot = row["key_slot"]

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,12 +22,8 @@ import pytest
 
 import s3t
 from s3t.service.settings import GuardPolicy, ServiceSettings
+from conftest import copy_run
 from servicekit import InProcessServer, Server, make_token
-
-
-def copy_run(trained_dir: Path, dest: Path) -> Path:
-    shutil.copytree(trained_dir, dest)
-    return dest
 
 
 def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import threading
 import time
 
+import pytest
+
 import s3t
+from conftest import copy_run
 from servicekit import Server, make_token
+
+pytestmark = pytest.mark.both_databases
 
 CLIENTS = 8
 DELETIONS_PER_CLIENT = 25
@@ -29,7 +33,7 @@ DELETIONS_PER_CLIENT = 25
 def test_concurrent_deletions_and_predictions_keep_the_ledger_and_the_visibility_guarantee(
         trained_dir, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(trained_dir, run_dir)
+    copy_run(trained_dir, run_dir)
     token = make_token(run_dir, "delete", "predict", name="load", rate=1e6)
     system = s3t.S3T.open(run_dir)
     safe = {(o["shard"], o["slices"][-1]) for o in system.registry.orders() if o["position"] == 0}

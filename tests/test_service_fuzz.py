@@ -7,13 +7,13 @@ every answer must be a status the document declares.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, status_code_conformance
 
+from conftest import copy_run
 from servicekit import Server, make_token
 
 EXAMPLES = 25   # per operation; 20 operations
@@ -23,7 +23,7 @@ CALLS: dict[str, int] = {}   # requests sent, by "operation mode" (printed, and 
 @pytest.fixture(scope="module")
 def fuzz_server(trained_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fuzz") / "run"
-    shutil.copytree(trained_dir, run_dir)
+    copy_run(trained_dir, run_dir)
     token = make_token(run_dir, "admin", name="fuzz", rate=1e6, quota=10**9)
     with Server(run_dir, "--no-worker", "--guard", "hold") as server:
         yield server, token

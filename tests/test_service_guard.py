@@ -1,4 +1,8 @@
-"""Unit tests of the service's abuse controls and settings (s3t.service.guard, .settings, .auth): no server."""
+"""Unit tests of the service's abuse controls and settings (s3t.service.guard, .settings, .auth): no server.
+
+The capacity guard keeps its windows in the registry (replicas share them); these tests give it a bare
+registry and judge each request in a transaction of its own, with a fake clock.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import s3t
 from s3t.errors import AuthError, DataError, ForbiddenError, PlanError, RateLimitError
 from s3t.service import guard as guard_module
 from s3t.service.auth import authenticate, create_token, list_tokens, require, revoke_token
+from s3t.keystore import KeyStore
+from s3t.registry import Registry
 from s3t.service.guard import CapacityGuard, RateLimiter
 from s3t.service.settings import GuardPolicy, ServiceSettings
 
@@ -25,6 +31,49 @@ def clock(monkeypatch) -> Clock:
     c = Clock()
     monkeypatch.setattr(guard_module.time, "monotonic", c)
     return c
+
+
+@pytest.fixture
+def registries(tmp_path):
+    """registries() -> an empty run registry (the guard's windows are its tables); closed after the test."""
+    made: list[Registry] = []
+
+    def make() -> Registry:
+        folder = tmp_path / f"registry-{len(made)}"
+        folder.mkdir()
+        reg = Registry(f"sqlite:///{folder / 'registry.sqlite'}", KeyStore.create(folder / "keys.bin"))
+        reg.create_schema()
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        reg.close()
+
+
+class Guard:
+    """A `CapacityGuard` on the fake clock, each call in a transaction of its own (as the service does)."""
+
+    def __init__(self, policy: GuardPolicy, registry: Registry, clock: Clock) -> None:
+        self.guard, self.registry = CapacityGuard(policy, registry, clock=clock), registry
+
+    def judge_preview(self, token: str, preview: dict, per_record: dict, *, capacity: int):
+        with self.registry.transaction() as conn:
+            return self.guard.judge_preview(conn, token, preview, per_record, capacity=capacity)
+
+    def record(self, token: str, verdict, *, reviewed: bool = False) -> None:
+        with self.registry.transaction() as conn:
+            self.guard.record(conn, token, verdict, reviewed=reviewed)
+
+    def record_reviewed(self, units: int) -> None:
+        with self.registry.transaction() as conn:
+            self.guard.record_reviewed(conn, units)
+
+
+@pytest.fixture
+def guard(registries, clock):
+    """guard(policy) -> a `Guard` on the test's clock, with windows of its own (a registry each)."""
+    return lambda policy: Guard(policy, registries(), clock)
 
 
 def test_rate_limiter_allows_a_burst_then_the_rate(clock):
@@ -49,8 +98,8 @@ def preview(shard: int, spent: int, *, records: int = 1, depth_after: int = 1) -
 BIG = 10_000   # an ensemble capacity so large that the ensemble budgets never bind: the ratio alone is judged
 
 
-def test_guard_flags_concentrated_consumption_within_the_window(clock):
-    g = CapacityGuard(GuardPolicy(min_spent=2, max_ratio=3.0, window_s=60))
+def test_guard_flags_concentrated_consumption_within_the_window(clock, guard):
+    g = guard(GuardPolicy(min_spent=2, max_ratio=3.0, window_s=60))
     baseline = {0: 0.25, 1: 0.25}   # a random record consumes 0.25 of each shard's capacity on average
     first = g.judge_preview("a", preview(0, 1), baseline, capacity=BIG)
     assert not first.flagged
@@ -64,17 +113,17 @@ def test_guard_flags_concentrated_consumption_within_the_window(clock):
     assert not g.judge_preview("a", preview(0, 1), baseline, capacity=BIG).flagged, "old requests leave the window"
 
 
-def test_guard_ratio_compares_with_random_deletions(clock):
-    g = CapacityGuard(GuardPolicy(min_spent=2, max_ratio=3.0))
+def test_guard_ratio_compares_with_random_deletions(clock, guard):
+    g = guard(GuardPolicy(min_spent=2, max_ratio=3.0))
     assert not g.judge_preview("a", preview(0, 2, records=2), {0: 0.5}, capacity=BIG).flagged   # 2 vs 1.0: ratio 2
     assert g.judge_preview("a", preview(0, 2, records=2), {0: 0.3}, capacity=BIG).flagged       # 2 vs 0.6: ratio 3.3
 
 
-def test_guard_protects_the_last_order_by_default(clock):
+def test_guard_protects_the_last_order_by_default(clock, guard):
     # Changed by design (issue 9, item 8): protecting a shard's last order is the default now.
-    verdict = CapacityGuard(GuardPolicy()).judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}, capacity=BIG)
+    verdict = guard(GuardPolicy()).judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}, capacity=BIG)
     assert verdict.flagged and "out of the ensemble" in verdict.reason
-    lax = CapacityGuard(GuardPolicy(protect_last_order=False))
+    lax = guard(GuardPolicy(protect_last_order=False))
     assert not lax.judge_preview("a", preview(1, 1, depth_after=0), {1: 1.0}, capacity=BIG).flagged
 
 
@@ -132,10 +181,10 @@ def spread(shard: int, *, capacity_before: int = 4, depth_after: int = 3) -> dic
                                       "capacity_before": capacity_before, "capacity_after": capacity_before - 1}]}
 
 
-def test_ensemble_budget_bounds_an_attack_spread_over_every_shard(clock):
+def test_ensemble_budget_bounds_an_attack_spread_over_every_shard(clock, guard):
     # 4 shards x 4 orders with distinct first slices: 16 units. Random deletions consume one unit per record
     # too at first (every slice is some order's first), so the per-shard ratio cannot see this attack.
-    g = CapacityGuard(GuardPolicy(window_s=60))   # defaults: token_share 0.25, total_share 0.5, min_spent 2
+    g = guard(GuardPolicy(window_s=60))   # defaults: token_share 0.25, total_share 0.5, min_spent 2
     per_record = {s: 1.0 for s in range(4)}
     capacity = 16
 
@@ -157,8 +206,8 @@ def test_ensemble_budget_bounds_an_attack_spread_over_every_shard(clock):
     assert not g.judge_preview("c", spread(1), per_record, capacity=capacity).flagged, "the window slides"
 
 
-def test_ensemble_budget_floor_and_reviewed_consumption(clock):
-    g = CapacityGuard(GuardPolicy(min_spent=2, window_s=60))
+def test_ensemble_budget_floor_and_reviewed_consumption(clock, guard):
+    g = guard(GuardPolicy(min_spent=2, window_s=60))
     # A 4-unit ensemble: a quarter is 1 unit, but every token may take `min_spent` (2) before it is judged.
     first = g.judge_preview("a", spread(0, capacity_before=2, depth_after=1), {0: 1.0, 1: 1.0}, capacity=4)
     assert not first.flagged
@@ -168,11 +217,11 @@ def test_ensemble_budget_floor_and_reviewed_consumption(clock):
     g.record("a", second)
     assert g.judge_preview("a", spread(0, capacity_before=1, depth_after=1), {0: 1.0, 1: 1.0}, capacity=2).flagged
     # What admins applied counts towards the capacity the window started with, never towards a budget.
-    g2 = CapacityGuard(GuardPolicy(min_spent=1, window_s=60))
+    g2 = guard(GuardPolicy(min_spent=1, window_s=60))
     g2.record_reviewed(8)
     verdict = g2.judge_preview("b", spread(0), {0: 1.0}, capacity=8)
     assert not verdict.flagged and verdict.units == 1, "1 unit of a 16-unit window start is within a quarter"
-    g3 = CapacityGuard(GuardPolicy(min_spent=1, token_share=0.25, total_share=0.25, window_s=60))   # 1 of 4 units
+    g3 = guard(GuardPolicy(min_spent=1, token_share=0.25, total_share=0.25, window_s=60))   # 1 of 4 units
     random = {s: 1.0 for s in range(4)}
     g3.record("admin", g3.judge_preview("admin", spread(0), random, capacity=4), reviewed=True)
     assert not g3.judge_preview("b", spread(1), random, capacity=3).flagged, "an admin's own request is reviewed"
@@ -180,8 +229,8 @@ def test_ensemble_budget_floor_and_reviewed_consumption(clock):
     assert g3.judge_preview("b", spread(1), random, capacity=2).flagged, "while an unreviewed one counts"
 
 
-def test_requests_that_consume_nothing_are_never_flagged(clock):
-    g = CapacityGuard(GuardPolicy(min_spent=1, window_s=60))
+def test_requests_that_consume_nothing_are_never_flagged(clock, guard):
+    g = guard(GuardPolicy(min_spent=1, window_s=60))
     free = {"records": 1, "shards": [{"shard": 0, "depth_before": 1, "depth_after": 1,
                                       "capacity_before": 1, "capacity_after": 1}]}
     for _ in range(10):
@@ -253,7 +302,8 @@ def test_a_run_from_before_the_counts_and_indexes_gains_them_when_opened(trained
     from s3t.service import review
 
     path, run_dir = trained.run_dir / "registry.sqlite", trained.run_dir
-    flag = review.hold(trained, token_id="t", ids=["a", "b"], subjects=[], reference=None, reason="test")
+    flag = trained.deletions.submit(lambda batch: review.hold(
+        trained, batch, token_id="t", ids=["a", "b"], subjects=[], reference=None, reason="test")).result()
     trained.close()
     with sqlite3.connect(path) as db:
         for index in ("ix_flagged_created", "ix_flagged_status_created", "ix_flagged_token_status",

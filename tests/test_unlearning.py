@@ -1,14 +1,19 @@
 """The deletion path: no training, content erased from every file, checked lineage, all-or-nothing (the tests
-taking `trained_case` run once per classifying family: texts and images)."""
+taking `trained_case` run once per classifying family: texts and images).
+
+Tests marked `both_databases` also run on PostgreSQL, with the text family (the deletion's reads, writes,
+rollback and stored rows, and its races with a restore); the file-level ones (shredding, crash leftovers)
+are the same code on either. The group commit of concurrent deletions is tests/test_batch.py's.
+"""
 
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 import s3t
 from s3t.records import payload
-from s3t.registry import lineage
+from s3t.registry import lineage, records
 
 
 @pytest.fixture
@@ -28,6 +33,7 @@ def run_bytes(system) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(system.run_dir.rglob("*")) if p.is_file())
 
 
+@pytest.mark.both_databases
 def test_delete_truncates_without_training(trained_case, no_training):
     trained, tiny_data = trained_case
     victim = tiny_data[5]
@@ -43,6 +49,7 @@ def test_delete_truncates_without_training(trained_case, no_training):
     assert receipt.lineage_check.startswith("passed")
 
 
+@pytest.mark.both_databases
 def test_deleted_content_leaves_every_file(trained_case, no_training):
     trained, tiny_data = trained_case
     victim = tiny_data[3]
@@ -51,28 +58,35 @@ def test_deleted_content_leaves_every_file(trained_case, no_training):
     shard, _ = trained.locate([victim.id])[victim.id]
     assert trained.registry.live_shard(shard)[1][victim.id][0] == marker   # stored, sealed
     assert marker not in run_bytes(trained), "record text is stored in clear"
+    with trained.registry.engine.connect() as conn:   # on any database: only ciphertext in the row
+        stored = conn.execute(select(records.c.input).where(records.c.id == victim.id)).scalar_one()
+    assert stored and marker not in stored
     trained.delete(ids=[victim.id])
+    with trained.registry.engine.connect() as conn:
+        assert conn.execute(select(records.c.input, records.c.target)
+                            .where(records.c.id == victim.id)).one() == (None, None)
     trained.close()
     assert marker not in run_bytes(trained), "deleted text survives in the run's files"
 
 
+@pytest.mark.both_databases
 def test_deleted_subject_is_kept_only_as_a_keyed_digest(trained, tiny_data):
-    import sqlite3
-
     subject = tiny_data[0].subject
     owned = {r.id for r in tiny_data if r.subject == subject}
     receipt = trained.delete(subjects=[subject])
     assert set(receipt.deleted) == owned and subject not in str(receipt.to_dict())
-    trained.close()
     # The subject column is gone: a subject is stored only as its keyed digest, from create on.
-    con = sqlite3.connect(trained.run_dir / "registry.sqlite")
-    rows = con.execute("select subject_digest, input, target from records where id in (%s)"
-                       % ",".join("?" * len(owned)), sorted(owned)).fetchall()
-    con.close()
+    assert "subject" not in records.c
+    with trained.registry.engine.connect() as conn:
+        rows = conn.execute(select(records.c.subject_digest, records.c.input, records.c.target)
+                            .where(records.c.id.in_(sorted(owned)))).all()
     assert rows and all(r[1] is None and r[2] is None and len(r[0]) == 64 for r in rows)
-    assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
+    trained.close()
+    if not trained.registry.postgres:   # the database file itself (PostgreSQL's files are the server's)
+        assert subject.encode() not in (trained.run_dir / "registry.sqlite").read_bytes()
 
 
+@pytest.mark.both_databases
 def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):
     """If the stored lineage says a served artifact saw the record, the deletion must not be acknowledged."""
     version, components = trained.served()
@@ -88,6 +102,7 @@ def test_lineage_check_rolls_back_a_false_claim(trained, tiny_data):
     assert trained.receipts() == []
 
 
+@pytest.mark.both_databases
 def test_deletion_racing_a_restore_is_never_served(trained, tiny_data):
     """A record deleted while restore() trains on it: that result is discarded, not served."""
     first, second = tiny_data[1].id, tiny_data[2].id
@@ -153,6 +168,7 @@ def test_retired_stages_left_by_a_crash_after_commit_are_shredded_by_the_next_re
         assert trained.registry.artifacts_that_saw(conn, [victim.id]) == set()
 
 
+@pytest.mark.both_databases
 def test_a_stage_registered_after_its_record_was_deleted_is_retired(trained, tiny_data):
     # A restore trains from a snapshot; a deletion of one of the stage's records commits before the
     # stage is registered. The registration must see it and retire the stage; restore leaves it unserved.

@@ -23,8 +23,8 @@ from .records import Dataset, PromptRecord, Record
 __version__ = "0.1.0"
 
 __all__ = [
-    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus", "datasets",
-    "Addition", "AuditReport", "Check", "verify_receipt",
+    "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus",
+    "DeletionQueue", "datasets", "Addition", "AuditReport", "Check", "verify_receipt",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 _LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
-         "Receipt": "unlearning", "Addition": "ingest", "AuditReport": "audit", "Check": "audit",
-         "verify_receipt": "ledger",
+         "Receipt": "unlearning", "DeletionQueue": "batch", "Addition": "ingest", "AuditReport": "audit",
+         "Check": "audit", "verify_receipt": "ledger",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",
          "CapacityResult": "capacity", "plan_capacity": "planner", "Candidate": "planner",

@@ -15,23 +15,36 @@ Concurrency on SQLite: `transaction()` starts with BEGIN IMMEDIATE, taking the w
 first read, so a read-check-write sequence (the deletion path, a restoration's commit) cannot interleave
 with another process's; reads run in deferred transactions (one consistent snapshot each). A connection
 that finds the database locked waits up to `BUSY_TIMEOUT_S` instead of failing.
+
+On PostgreSQL a run lives in a schema of its own (`schema`; the connection's search path points there,
+so every statement is the same as on SQLite) and writers serialise on a transaction-scoped advisory
+lock keyed by that schema, which is what BEGIN IMMEDIATE does on SQLite: the deletion path's checks
+assume one writer at a time, across every process and machine that shares the database. `lock(name)`
+gives session-scoped advisory locks for longer work (one trainer per run, across machines).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import (Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text, create_engine,
-                        event, func, inspect, select, tuple_, union_all, update)
+from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
+                        bindparam, case, create_engine, event, func, inspect, select, tuple_, union_all, update)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import NullPool
 
+from .errors import RunError
 from .keystore import KeyStore, aad, seal, unseal
 
-__all__ = ["Registry", "utcnow"]
+__all__ = ["Registry", "AdvisoryLock", "check_schema_name", "utcnow"]
 
 BUSY_TIMEOUT_S = 60.0   # how long a connection waits for SQLite's lock before "database is locked"
 
@@ -55,6 +68,11 @@ cells = Table(  # live records per (shard, slice), kept by create and every dele
     Column("shard", Integer, primary_key=True),
     Column("slice", Integer, primary_key=True),
     Column("live", Integer, nullable=False),
+)
+shards = Table(  # each shard's deletion capacity (`deletions_to_drop`), kept with its orders' depths
+    "shards", metadata,
+    Column("shard", Integer, primary_key=True),
+    Column("capacity", Integer, nullable=False),
 )
 orders = Table(
     "orders", metadata,
@@ -162,17 +180,56 @@ flagged = Table(  # deletion requests the abuse guard flagged: applied with an a
     Index("ix_flagged_token_status", "token_id", "status"),      # a token's pending holds (the cap)
     Index("ix_flagged_decided", "decided_at"),                   # expiring decided requests' idempotency keys
 )
+guard_usage = Table(  # the capacity guard's windows (s3t.service.guard): per token, time bucket and review
+    "guard_usage", metadata,
+    Column("token_id", String(32), primary_key=True),   # ALL_TOKENS: every token together
+    Column("bucket", BigInteger, primary_key=True),     # start of the time bucket, ms since the epoch
+    Column("reviewed", Integer, primary_key=True),      # 1: an admin's own request or an applied hold
+    Column("records", Integer, nullable=False),         # live records the requests deleted
+    Column("units", Integer, nullable=False),           # ensemble capacity they consumed
+)
+guard_spent = Table(  # capacity a token's unreviewed requests consumed per shard and time bucket
+    "guard_spent", metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("shard", Integer, primary_key=True),
+    Column("bucket", BigInteger, primary_key=True),
+    Column("units", Integer, nullable=False),
+)
+rate_buckets = Table(  # rate-limit token buckets shared by the service's replicas (PostgreSQL only)
+    "rate_buckets", metadata,
+    Column("key", String(300), primary_key=True),
+    Column("tokens", Float, nullable=False),            # requests left
+    Column("at", Float, nullable=False),                # last refill (the database server's clock, seconds)
+    Column("granted", Integer, nullable=False),         # whether the last take succeeded
+    Index("ix_rate_buckets_at", "at"),
+)
 FLAG_SUMMARY = [c for c in flagged.c if c.name not in ("request", "key_slot", "fingerprint", "idempotency_key")]
 DELETIONS = ledger.c.kind.is_(None) | (ledger.c.kind == "deletion")   # ledger entries that are deletion receipts
 LEDGER_HEAD = "ledger.head"   # meta: "seq:entry_hash" of the last appended ledger entry
 ABANDONED_SLOTS = "keys.abandoned"   # meta: key slots (destroyed) whose records were re-added under new keys
 
 
-PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock key that serialises writers on PostgreSQL
+PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock class that serialises writers on PostgreSQL
+PG_NAMED_LOCK = 0x53334C4B   # "S3LK": the class of `Registry.lock` (e.g. one trainer per run)
+ALL_TOKENS = "*"              # guard_usage's row for every token together
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def check_schema_name(schema: str) -> str:
+    """A PostgreSQL schema name s3t accepts: lower-case letters, digits and _, at most 63 characters."""
+    if not isinstance(schema, str) or not SCHEMA_NAME.match(schema):
+        raise RunError(f"database schema {schema!r} is not usable: use 1 to 63 lower-case letters, digits and _, "
+                       "starting with a letter or _ (e.g. `news_2024`)")
+    return schema
+
+
+def _lock_key(text: str) -> int:
+    """A stable signed 32-bit key for an advisory lock."""
+    return zlib.crc32(text.encode()) - (1 << 31)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -190,17 +247,121 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("s3t_write") else "BEGIN")
 
 
+def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _among(column, values: Sequence):
+    """`column IN values`, as `column = value` for one value: a statement SQLAlchemy compiles once and
+    caches (an IN list is expanded per call), which is the deletion path's common case."""
+    return column == values[0] if len(values) == 1 else column.in_(list(values))
+
+
+def _require_psycopg(url: str) -> None:
+    """A PostgreSQL URL needs its driver: say which package brings it (an optional extra)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise RunError(f"the database URL {make_url(url).render_as_string(hide_password=True)} needs the PostgreSQL "
+                       "driver: pip install 's3t[postgres]'") from None
+
+
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock with `files.FileLock`'s interface (acquire, release, held).
+
+    It holds a connection of its own for as long as it is held: the lock ends with that session, so a
+    holder that dies (kill -9, a lost machine) releases it.
+    """
+
+    def __init__(self, engine: Engine, space: int, key: int) -> None:
+        self.engine, self.space, self.key = engine, space, key
+        self._conn = None
+
+    def acquire(self, *, wait: float | None = None) -> bool:
+        """Take the lock: block until free (`wait=None`), or give up after `wait` seconds and return False."""
+        assert self._conn is None, "this AdvisoryLock is already held"
+        conn = self.engine.raw_connection()   # outside the pool's transactions: the lock outlives them
+        try:
+            conn.driver_connection.autocommit = True
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                cur = conn.cursor()
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (self.space, self.key))
+                got = cur.fetchone()[0]
+                cur.close()
+                if got:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    conn.close()
+                    return False
+                time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            conn.invalidate() if hasattr(conn, "invalidate") else conn.close()
+            raise
+        self._conn = conn
+        return True
+
+    def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                cur = conn.cursor()
+                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (self.space, self.key))
+                cur.close()
+            finally:
+                conn.invalidate()   # close the session: nothing it held survives
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None
+
+
 class Registry:
     """Typed access to one run's database; methods taking `conn` run inside a caller's transaction."""
 
-    def __init__(self, url: str, keys: KeyStore) -> None:
+    def __init__(self, url: str, keys: KeyStore, *, schema: str | None = None) -> None:
         self.url = url
         self.keys = keys
-        sqlite = make_url(url).get_backend_name() == "sqlite"
-        self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S} if sqlite else {})
-        if sqlite:
+        self.schema = schema
+        backend = make_url(url).get_backend_name()
+        self.postgres = backend == "postgresql"
+        if schema is not None and not self.postgres:
+            raise RunError(f"a database schema ({schema!r}) needs a PostgreSQL database URL; got {backend}")
+        if self.postgres:
+            _require_psycopg(url)
+            args = {"options": f"-csearch_path={check_schema_name(schema)}"} if schema else {}
+            self.engine: Engine = create_engine(url, connect_args=args, pool_size=8, max_overflow=16,
+                                                pool_pre_ping=True)
+            self._lock_space = _lock_key(schema or "public")
+        else:
+            self.engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+
+    @staticmethod
+    def prepare(url: str, schema: str | None) -> None:
+        """Create a PostgreSQL schema if it is missing (before the registry's first connection: a search path
+        naming a missing schema leaves the connection without a default schema)."""
+        if schema is None or make_url(url).get_backend_name() != "postgresql":
+            return
+        _require_psycopg(url)
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{check_schema_name(schema)}"')
+        finally:
+            engine.dispose()
+
+    def holds_run(self) -> bool:
+        """Whether the database (schema) already holds a run's tables."""
+        with self.engine.connect() as conn:
+            return "meta" in inspect(conn).get_table_names()
+
+    def drop_schema_tables(self) -> None:
+        """Drop every s3t table (a `create` that failed half-way, on a database that held no run before)."""
+        with self.engine.begin() as conn:
+            metadata.drop_all(conn)
 
     def create_schema(self) -> None:
         """Create the tables that are missing (all for a new run; tables, nullable columns and indexes
@@ -230,9 +391,22 @@ class Registry:
         with self.engine.connect() as conn:
             conn.execution_options(s3t_write=True)
             with conn.begin():
-                if conn.dialect.name == "postgresql":
-                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})")
+                if self.postgres:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK}, {self._lock_space})")
                 yield conn
+
+    def lock(self, name: str) -> "AdvisoryLock":
+        """A PostgreSQL session-level advisory lock for this run, named `name` (held across transactions,
+        released when the holder releases it or its connection ends, e.g. when its process dies)."""
+        assert self.postgres, "named advisory locks are a PostgreSQL feature; SQLite runs use files.FileLock"
+        return AdvisoryLock(self.engine, PG_NAMED_LOCK, _lock_key(f"{self.schema or 'public'}:{name}"))
+
+    def upsert(self, conn: Connection, table: Table, values: dict, *, add: Sequence[str]) -> None:
+        """Insert a row, or add `values[c]` to column c for each c in `add` where its primary key exists."""
+        dialect = pg_dialect if self.postgres else sqlite_dialect
+        q = dialect.insert(table).values(**values)
+        conn.execute(q.on_conflict_do_update(index_elements=[c.name for c in table.primary_key.columns],
+                                             set_={c: table.c[c] + q.excluded[c] for c in add}))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -334,19 +508,34 @@ class Registry:
         cols = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
                 records.c.deleted_in, records.c.generation)
         for column, values in ((records.c.id, list(ids)), (records.c.subject_digest, list(subject_digests))):
-            for start in range(0, len(values), 900):
-                for row in conn.execute(select(*cols).where(column.in_(values[start:start + 900]))):
+            for chunk in _chunks(values):
+                for row in conn.execute(select(*cols).where(_among(column, chunk))):
                     found[row.id] = row._asdict()
         return list(found.values())
 
-    def erase_records(self, conn: Connection, rows: Sequence[dict], request_id: str) -> None:
-        """Drop the sealed content of records; keep the id, the subject's keyed digest and the key slot (the
-        caller destroys the key once this commits)."""
-        ids = [row["id"] for row in rows]
-        for start in range(0, len(ids), 900):
-            conn.execute(records.update().where(records.c.id.in_(ids[start:start + 900]))
-                         .values(input=None, target=None, deleted_in=request_id))
-        self._count(conn, rows, -1)
+    def erase_many(self, conn: Connection, erased: Sequence[tuple[dict, str]]) -> None:
+        """Drop the sealed content of records (many requests' at once, one statement): (record row, request id)
+        pairs. The id, the subject's keyed digest and the key slot stay (the caller destroys the key once
+        this commits)."""
+        if not erased:
+            return
+        conn.execute(records.update().where(records.c.id == bindparam("rid"))
+                     .values(input=None, target=None, deleted_in=bindparam("request")),
+                     [{"rid": row["id"], "request": request_id} for row, request_id in erased])
+        self._count(conn, [row for row, _ in erased], -1)
+
+    def saw(self, conn: Connection, record_ids: Sequence[str]) -> dict[str, dict[str, bool]]:
+        """{record id: {artifact: still registered}} for every artifact whose recorded lineage holds one of
+        these ids (the lineage index, one query per 900 ids): the deletion path's lineage check and its
+        retirement in one read. Ids no artifact saw map to {}."""
+        out: dict[str, dict[str, bool]] = {rid: {} for rid in record_ids}
+        for chunk in _chunks(list(record_ids)):
+            q = (select(lineage.c.record_id, lineage.c.artifact, artifacts.c.lineage.is_not(None))
+                 .select_from(lineage.outerjoin(artifacts, artifacts.c.lineage == lineage.c.artifact))
+                 .where(_among(lineage.c.record_id, chunk)))
+            for rid, artifact, registered in conn.execute(q):
+                out[rid][artifact] = bool(registered)
+        return out
 
     def key_slots(self, ids: Sequence[str], *, live_only: bool = False) -> dict[str, int]:
         """{id: key slot} of these records (only the live ones with `live_only`), by index lookups."""
@@ -441,6 +630,19 @@ class Registry:
             return run(conn)
         with self.engine.connect() as c:
             return run(c)
+
+    def set_capacity(self, conn: Connection, shard: int, capacity: int) -> None:
+        """Store a shard's deletion capacity (call it wherever its orders' depths change)."""
+        if not conn.execute(shards.update().where(shards.c.shard == shard).values(capacity=capacity)).rowcount:
+            conn.execute(shards.insert().values(shard=shard, capacity=capacity))
+
+    def capacities(self, conn: Connection | None = None) -> dict[int, int]:
+        """{shard: deletion capacity} as kept by `set_capacity` (a row per shard: no scan of the orders)."""
+        q = select(shards.c.shard, shards.c.capacity)
+        if conn is not None:
+            return dict(conn.execute(q).all())
+        with self.engine.connect() as c:
+            return dict(c.execute(q).all())
 
     def set_depth(self, conn: Connection, shard: int, position: int, depth: int) -> None:
         conn.execute(orders.update().where(orders.c.shard == shard, orders.c.position == position).values(depth=depth))
@@ -692,9 +894,35 @@ class Registry:
         row = conn.execute(select(idempotency).where(idempotency.c.key == key)).first()
         return row._asdict() if row else None
 
-    def add_idempotent(self, conn: Connection, key: str, fingerprint: str, request_id: str) -> None:
-        conn.execute(idempotency.insert().values(key=key, fingerprint=fingerprint, request_id=request_id,
-                                                 created_at=utcnow()))
+    def idempotent_many(self, conn: Connection, keys: Sequence[str]) -> dict[str, dict | None]:
+        """`idempotent` for many keys (one query per 900): {key: row or None}."""
+        out: dict[str, dict | None] = {k: None for k in keys}
+        for chunk in _chunks(list(keys)):
+            out.update((row.key, row._asdict()) for row in conn.execute(select(idempotency)
+                                                                        .where(_among(idempotency.c.key, chunk))))
+        return out
+
+    def flagged_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
+        """Which of these idempotency keys a flagged (held) request was made under."""
+        found: set[str] = set()
+        for chunk in _chunks(list(keys)):
+            found.update(conn.execute(select(flagged.c.idempotency_key)
+                                      .where(_among(flagged.c.idempotency_key, chunk))).scalars())
+        return found
+
+    def revoked_tokens(self, conn: Connection, token_ids: Sequence[str]) -> dict[str, bool]:
+        """`token_revoked` for many tokens: {token id: revoked or unknown}."""
+        out = {t: True for t in token_ids}
+        for chunk in _chunks(list(token_ids)):
+            for tid, revoked_at in conn.execute(select(tokens.c.id, tokens.c.revoked_at)
+                                                .where(_among(tokens.c.id, chunk))):
+                out[tid] = revoked_at is not None
+        return out
+
+    def add_idempotent_many(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Several idempotency keys {key, fingerprint, request_id, created_at}, in one statement."""
+        if rows:
+            conn.execute(idempotency.insert(), list(rows))
 
     def expire_idempotent(self, conn: Connection, *, before: str, key: str | None = None) -> int:
         """Forget idempotency keys created before `before` (ISO time; by index range), or just `key` if
@@ -726,6 +954,11 @@ class Registry:
         with self.engine.connect() as conn:
             return [r._asdict() for r in conn.execute(select(tokens).order_by(tokens.c.created_at))]
 
+    def token_revoked(self, conn: Connection, token_id: str) -> bool:
+        """Whether a token is revoked (or gone), read in the caller's transaction."""
+        row = conn.execute(select(tokens.c.revoked_at).where(tokens.c.id == token_id)).first()
+        return row is None or row.revoked_at is not None
+
     def token_by_secret(self, secret_sha256: str) -> dict | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(tokens).where(tokens.c.secret_sha256 == secret_sha256)).first()
@@ -737,17 +970,16 @@ class Registry:
                             .values(revoked_at=utcnow()))
         return done.rowcount > 0
 
-    def usage(self, token_id: str, day: str) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(select(token_usage.c.used).where(token_usage.c.token_id == token_id,
-                                                                 token_usage.c.day == day)).scalar() or 0
+    def usage(self, token_id: str, day: str, conn: Connection | None = None) -> int:
+        q = select(token_usage.c.used).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
+        if conn is not None:
+            return conn.execute(q).scalar() or 0
+        with self.engine.connect() as c:
+            return c.execute(q).scalar() or 0
 
     def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
         """Count `items` (negative: take them back) towards a token's usage of `day`."""
-        done = conn.execute(update(token_usage).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
-                            .values(used=token_usage.c.used + items))
-        if done.rowcount == 0:
-            conn.execute(token_usage.insert().values(token_id=token_id, day=day, used=items))
+        self.upsert(conn, token_usage, dict(token_id=token_id, day=day, used=items), add=["used"])
 
     # -- flagged deletion requests ------------------------------------------------------------------
     def add_flagged(self, conn: Connection, *, request: str | None = None, **row) -> None:
@@ -809,3 +1041,60 @@ class Registry:
         done = conn.execute(update(flagged).where(flagged.c.id == flag_id, flagged.c.status == "pending")
                             .values(decided_at=utcnow(), **values))
         return done.rowcount > 0
+
+    # -- the capacity guard's windows (s3t.service.guard) ---------------------------------------------
+    def add_guard_usage(self, conn: Connection, *, token_id: str, bucket: int, reviewed: bool, records: int,
+                        units: int, spent: dict[int, int]) -> None:
+        """Count one applied request in its time bucket: for its token, for all tokens, and per shard (spent)."""
+        for who in (token_id, ALL_TOKENS):
+            self.upsert(conn, guard_usage, dict(token_id=who, bucket=bucket, reviewed=int(reviewed), records=records,
+                                                units=units), add=["records", "units"])
+        if not reviewed:
+            for shard, n in sorted(spent.items()):
+                if n > 0:
+                    self.upsert(conn, guard_spent, dict(token_id=token_id, shard=shard, bucket=bucket, units=n),
+                                add=["units"])
+
+    def guard_window(self, conn: Connection, token_id: str, shards_: Iterable[int], *, since: int
+                     ) -> tuple[dict[tuple[str, bool], tuple[int, int]], dict[int, int]]:
+        """Sums over buckets from `since` on: ({(token or ALL_TOKENS, reviewed): (records, units)},
+        {shard: units this token's unreviewed requests consumed}) for the given shards."""
+        usage = {(who, bool(rev)): (int(rec), int(units)) for who, rev, rec, units in conn.execute(
+            select(guard_usage.c.token_id, guard_usage.c.reviewed, func.sum(guard_usage.c.records),
+                   func.sum(guard_usage.c.units))
+            .where(guard_usage.c.token_id.in_([token_id, ALL_TOKENS]), guard_usage.c.bucket >= since)
+            .group_by(guard_usage.c.token_id, guard_usage.c.reviewed))}
+        wanted = sorted(set(shards_))
+        spent = {} if not wanted else {shard: int(n) for shard, n in conn.execute(
+            select(guard_spent.c.shard, func.sum(guard_spent.c.units))
+            .where(guard_spent.c.token_id == token_id, guard_spent.c.shard.in_(wanted), guard_spent.c.bucket >= since)
+            .group_by(guard_spent.c.shard))}
+        return usage, spent
+
+    def expire_guard(self, conn: Connection, *, before: int) -> int:
+        """Forget guard buckets older than `before` (they have left every window)."""
+        return (conn.execute(guard_usage.delete().where(guard_usage.c.bucket < before)).rowcount
+                + conn.execute(guard_spent.delete().where(guard_spent.c.bucket < before)).rowcount)
+
+    # -- rate limits shared by replicas (PostgreSQL) --------------------------------------------------
+    def take_rate(self, key: str, *, rate: float, burst: int) -> tuple[bool, float]:
+        """Spend one request from `key`'s token bucket in one atomic statement, on the database server's
+        clock (replicas agree on it); returns (granted, requests left). Its own short transaction, without
+        the write lock: buckets of different keys never wait for each other, nor for a deletion."""
+        now = func.extract("epoch", func.clock_timestamp())
+        refill = func.least(float(burst), rate_buckets.c.tokens + (now - rate_buckets.c.at) * rate)
+        q = pg_dialect.insert(rate_buckets).values(key=key, tokens=float(burst) - 1.0, at=now, granted=1)
+        q = q.on_conflict_do_update(index_elements=["key"], set_={
+            "tokens": case((refill >= 1.0, refill - 1.0), else_=refill),
+            "granted": case((refill >= 1.0, 1), else_=0), "at": now,
+        }).returning(rate_buckets.c.granted, rate_buckets.c.tokens)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")   # a lost bucket is a full one
+            granted, left = conn.execute(q).one()
+        return bool(granted), float(left)
+
+    def expire_rate_buckets(self, *, idle_s: float) -> int:
+        """Drop buckets untouched for `idle_s` seconds (refilled by then: the same as no bucket)."""
+        with self.engine.begin() as conn:
+            cutoff = func.extract("epoch", func.clock_timestamp()) - idle_s
+            return conn.execute(rate_buckets.delete().where(rate_buckets.c.at < cutoff)).rowcount

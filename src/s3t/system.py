@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,27 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import (DataError, NeedsRestoreError, NotFoundError, NotTrainedError, PlanError, RunBusyError, RunError,
-                     RunExistsError, RunNotFoundError, S3TError)
+                     RunExistsError, RunNotFoundError)
 from .files import FileLock, create_private, private_dir, shred, write_private
 from .ingest import Addition, assign_cells, record_rows
 from .keystore import KeyStore
 from .orders import select_orders
 from .partition import slice_sizes
 from .plan import Plan
-from .records import Dataset, check_labels
-from .registry import Registry
+from .records import Dataset, check_labels, payload
+from .registry import Registry, check_schema_name
 from .truncation import deletions_to_drop
-from .unlearning import Receipt, current_depth, delete, preview, rebuild, restorable, truncated
+from .unlearning import Receipt, current_depth, preview, rebuild, restorable, subject_digest, truncated
+
+if TYPE_CHECKING:
+    from .batch import DeletionQueue
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from .audit import AuditReport
     from .environment import NumericEnvironment
+    from .registry import AdvisoryLock
 
 __all__ = ["S3T", "Prediction", "Generation", "ShardStatus", "Status"]
 
@@ -117,6 +122,8 @@ class S3T:
         self._ledger = ledger_key
         self._signing_key = signing_key
         self._trainer = None
+        self._deletions: DeletionQueue | None = None
+        self._deletions_lock = threading.Lock()
         self._device: str | None = None
         self._kind: str | None = None
 
@@ -125,8 +132,16 @@ class S3T:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, run_dir: str | Path, plan: Plan, data: Dataset, *, database_url: str | None = None) -> "S3T":
-        """Partition `data` by `plan` into a new run folder (nothing is trained yet; call `train()`)."""
+    def create(cls, run_dir: str | Path, plan: Plan, data: Dataset, *, database_url: str | None = None,
+               database_schema: str | None = None) -> "S3T":
+        """Partition `data` by `plan` into a new run folder (nothing is trained yet; call `train()`).
+
+        The registry is SQLite in the run folder unless `database_url` names another database, e.g.
+        `postgresql+psycopg://user@host/db` (`pip install 's3t[postgres]'`). On PostgreSQL each run needs
+        a schema of its own: `database_schema` (created if missing; default: the connection's, usually
+        `public`); a schema that already holds a run is refused. Artifacts, keys and the cache stay in
+        the run folder, which replicas of the service share (a shared filesystem).
+        """
         from .ledger import create_signing_key
         from .models import count_blocks, family_at, model_digest, resolve_model_path
 
@@ -134,6 +149,11 @@ class S3T:
         if (run_dir / RUN_FILE).exists():
             raise RunExistsError(f"{run_dir} already holds a run; open it with S3T.open({str(run_dir)!r}) "
                                  "or choose a new folder")
+        if database_schema is not None:
+            if not database_url:
+                raise RunError(f"`database_schema` ({database_schema!r}) needs a PostgreSQL `database_url`; "
+                               "a SQLite registry lives in the run folder")
+            check_schema_name(database_schema)
         if not isinstance(data, Dataset):
             raise DataError(f"`data` must be an s3t.Dataset; got {type(data).__name__}. "
                             "Build one with Dataset.from_records / from_jsonl / from_csv")
@@ -160,7 +180,14 @@ class S3T:
             keys = KeyStore.create(run_dir / KEYS_FILE)
             if not database_url:
                 create_private(run_dir / DB_FILE)   # 0600 before SQLite opens it: its journal takes this mode
-            registry = Registry(url, keys)
+            Registry.prepare(url, database_schema)
+            candidate = Registry(url, keys, schema=database_schema)
+            if database_url and candidate.holds_run():
+                candidate.engine.dispose()
+                where = f"schema {database_schema!r} of " if database_schema else ""
+                raise RunExistsError(f"{where}the database {_safe_url(url)} already holds a run; give the new run "
+                                     "a schema of its own (`database_schema=...`, `--database-schema NAME`)")
+            registry = candidate
             registry.create_schema()
             with registry.transaction() as conn:
                 registry.set_meta(conn, "plan", plan.to_json())
@@ -172,8 +199,12 @@ class S3T:
                 registry.insert_orders(conn, [
                     dict(shard=shard, position=k, slices=order, depth=0)
                     for shard in range(plan.num_shards) for k, order in enumerate(select_orders(plan, shard))])
-        except BaseException:
+                for shard in range(plan.num_shards):
+                    registry.set_capacity(conn, shard, 0)   # nothing trained: no deletion capacity yet
+        except BaseException as exc:
             if registry is not None:
+                if database_url and not isinstance(exc, RunExistsError):
+                    registry.drop_schema_tables()   # it held no run before: leave it as it was
                 registry.close()   # closes the key file too
             elif keys is not None:
                 keys.close()
@@ -181,8 +212,8 @@ class S3T:
             for name in (DB_FILE, KEYS_FILE, LEDGER_KEY_FILE, SIGNING_KEY_FILE):
                 shred(run_dir / name)
             raise
-        write_private(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, "database_url": database_url},
-                                                     indent=2).encode())
+        write_private(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, "database_url": database_url,
+                                                      "database_schema": database_schema}, indent=2).encode())
         return cls(run_dir, plan, registry, ledger_key, signing_key)
 
     @classmethod
@@ -201,6 +232,7 @@ class S3T:
         try:
             info = json.loads((run_dir / RUN_FILE).read_text())
             url = info.get("database_url") or f"sqlite:///{(run_dir / DB_FILE).resolve()}"
+            schema = info.get("database_schema")
             version = info.get("format")
         except (OSError, ValueError, AttributeError) as exc:
             raise RunError(f"{damaged}: {RUN_FILE} is unreadable ({exc}); restore the folder from a backup") from None
@@ -219,7 +251,11 @@ class S3T:
             keys = KeyStore.open(run_dir / KEYS_FILE)
         except (OSError, ValueError) as exc:
             raise RunError(f"{damaged}: {exc}; restore the folder from a backup") from None
-        registry = Registry(url, keys)
+        try:
+            registry = Registry(url, keys, schema=schema)
+        except RunError:
+            keys.close()
+            raise
         try:
             registry.create_schema()   # adds tables introduced since the run was created (no-op otherwise)
             plan = registry.get_meta("plan")
@@ -236,11 +272,32 @@ class S3T:
             system._destroy_dead_keys()
             if key_created:   # only the open that migrates an older run chains; see _chain_ledger
                 system._chain_ledger()
+            system._keep_capacities()
             system.sweep()
         return system
 
     def close(self) -> None:
+        if self._deletions is not None:
+            self._deletions.close()
         self.registry.close()
+
+    def _keep_capacities(self) -> None:
+        """Fill the per-shard capacity table of a run created before it existed (once; cheap)."""
+        if self.registry.capacities():
+            return
+        orders = self.registry.orders()
+        if not orders:
+            return
+        with self.registry.transaction() as conn:
+            for shard in sorted({o["shard"] for o in orders}):
+                mine = [o for o in orders if o["shard"] == shard]
+                self.registry.set_capacity(conn, shard, deletions_to_drop([o["slices"] for o in mine],
+                                                                          [o["depth"] for o in mine]))
+
+    def _lock(self, name: str) -> "FileLock | AdvisoryLock":
+        """A run-wide lock: a `flock` file in the run folder (SQLite: one machine), or a PostgreSQL advisory
+        lock (replicas on several machines share the database, and may not share flock semantics)."""
+        return self.registry.lock(name) if self.registry.postgres else FileLock(self.run_dir / name)
 
     # -- erasure at rest ----------------------------------------------------------------------------
     def _destroy_dead_keys(self) -> None:
@@ -280,7 +337,7 @@ class S3T:
         belongs to no live record. In any case: the retired stages queued for shredding. Runs at `open`,
         at the end of every `train`/`restore`, and when the HTTP service starts.
         """
-        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        lock = self._lock(TRAIN_LOCK)
         if not lock.acquire(wait=0):   # a trainer is between saves and registrations: it sweeps when done
             return self._shred_retired()
         try:
@@ -381,10 +438,11 @@ class S3T:
 
     def _rebuild(self, progress: bool, what: str) -> int:
         # One trainer per run folder: the sweep may only shred unregistered files while nobody trains.
-        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        lock = self._lock(TRAIN_LOCK)
         if not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
-            raise RunBusyError(f"another process is training the run at {self.run_dir} (it holds "
-                               f"{self.run_dir / TRAIN_LOCK}); wait for it to finish, then retry")
+            holder = "a PostgreSQL advisory lock" if self.registry.postgres else self.run_dir / TRAIN_LOCK
+            raise RunBusyError(f"another process is training the run at {self.run_dir} (it holds {holder}); "
+                               "wait for it to finish, then retry")
         try:
             return self._rebuild_holding_lock(progress, what)
         finally:
@@ -546,24 +604,27 @@ class S3T:
         """Forget records and/or all records of data subjects, at once and exactly (no training).
 
         A repeated `idempotency_key` returns the first request's receipt (a different request under
-        the same key raises ConflictError); `requested_by` is recorded in the receipt.
+        the same key raises ConflictError); `requested_by` is recorded in the receipt. Calls from several
+        threads at once are applied together in one transaction (`deletions`), each with its own receipt.
         """
         _check_request(ids, subjects)
-        from .cache import erasing
+        ids, subjects = list(ids), list(subjects)
+        return self.deletions.submit(lambda batch: batch.delete(
+            ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
+            requested_by=requested_by), ids=ids, keys=[idempotency_key] if idempotency_key else []).result()
 
-        receipt = delete(self.registry, self._ledger_key(), ids=ids, subjects=subjects, reference=reference,
-                         erase_derived=lambda erased: erasing(self.run_dir, erased),
-                         idempotency_key=idempotency_key, requested_by=requested_by,
-                         signing_key=self._signing_key)
-        if receipt.retired_artifacts:
-            # After the commit: a rolled-back deletion must not lose live stages. The deletion has taken
-            # effect, so a failure here must not report it as failed: the queue stays for the next sweep.
-            try:
-                self._shred_retired()
-            except (OSError, S3TError, SQLAlchemyError) as exc:
-                logger.warning("retired stages stay queued for shredding (the next open, sweep or restore "
-                               "retries): %s", exc)
-        return receipt
+    @property
+    def deletions(self) -> "DeletionQueue":
+        """The run's deletion queue: concurrent requests are applied in one transaction (group commit)."""
+        with self._deletions_lock:
+            if self._deletions is None:
+                from .batch import DeletionQueue
+                from .cache import erasing
+
+                self._deletions = DeletionQueue(self.registry, self._ledger_key(), signing_key=self._signing_key,
+                                                erase_derived=lambda erased: erasing(self.run_dir, erased),
+                                                after_commit=lambda receipts: self._shred_retired())
+            return self._deletions
 
     def add(self, data: Dataset, *, replace_deleted: bool = False, requested_by: str | None = None) -> Addition:
         """Add records to the run without training: the served model stays as it is (exact for the data it
@@ -582,7 +643,7 @@ class S3T:
         if not isinstance(data, Dataset):
             raise DataError(f"`data` must be an s3t.Dataset; got {type(data).__name__}. "
                             "Build one with Dataset.from_records / from_jsonl / from_csv")
-        lock = FileLock(self.run_dir / TRAIN_LOCK)
+        lock = self._lock(TRAIN_LOCK)
         if replace_deleted and not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
             raise RunBusyError(f"another process is training the run at {self.run_dir}; re-adding deleted ids waits "
                                "for it (a training in flight may hold the old record): retry when it is done")
@@ -598,10 +659,11 @@ class S3T:
         _version, components = self.registry.served()
         return self.registry.unseen([c["artifacts"][-1] for c in components if c["artifacts"]])
 
-    def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
-        """What `delete` would do to each shard's served depth and capacity, without deleting anything."""
+    def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), batch=None) -> dict:
+        """What `delete` would do to each shard's served depth and capacity, without deleting anything
+        (read in `batch`'s transaction if given: a group commit's, with the requests before it applied)."""
         _check_request(ids, subjects)
-        return preview(self.registry, self._ledger_key(), ids=ids, subjects=subjects)
+        return preview(self.registry, self._ledger_key(), ids=ids, subjects=subjects, batch=batch)
 
     def receipt(self, request_id: str) -> Receipt:
         """The stored receipt of one deletion request."""
@@ -720,6 +782,12 @@ def _signing_key(path: Path, *, create: bool) -> "tuple[Ed25519PrivateKey | None
         except FileExistsError:   # another process opening the run made it first (and chains the ledger)
             pass
     return load_signing_key(path), False
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _resolve(plan: Plan, data: Dataset, family) -> Plan:

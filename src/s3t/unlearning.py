@@ -20,7 +20,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from . import ledger
@@ -31,10 +31,11 @@ from .truncation import attainable_depth, choose_served, deletions_to_drop, trun
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from .batch import Batch
     from .training import Trainer
 
-__all__ = ["Receipt", "delete", "preview", "rebuild", "restorable", "current_depth", "served_component",
-           "subject_digest"]
+__all__ = ["Applied", "Receipt", "apply", "delete", "preview", "rebuild", "restorable", "current_depth",
+           "served_component", "subject_digest", "write_ledger_entry"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,17 @@ class Receipt:
     retired_artifacts: tuple[str, ...] = ()   # stages that saw the deleted records: unregistered, files shredded
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """`dataclasses.asdict(self)`, without its generic deep copy (a deletion's hot path): the same dict."""
+        out = {name: getattr(self, name) for name in RECEIPT_FIELDS}
+        out["shards"] = tuple(dict(s) for s in self.shards)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Receipt":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+RECEIPT_FIELDS = tuple(f.name for f in fields(Receipt))
 
 
 def subject_digest(key: bytes, subject: str) -> str:
@@ -83,9 +90,11 @@ def served_component(shard_orders: Sequence[dict]) -> dict | None:
     return {"shard": o["shard"], "position": o["position"], "depth": o["depth"], "artifacts": o["artifacts"][:o["depth"]]}
 
 
-def _serve(registry: Registry, conn, served: tuple[int, list[dict]], shard_orders: Sequence[dict]) -> tuple[int, list[dict]]:
+def _serve(registry: Registry, conn, served: tuple[int, list[dict]], shard_orders: Sequence[dict],
+           *, write: Callable | None = None) -> tuple[int, list[dict]]:
     """Re-choose the served model of the shards of `shard_orders` (their current state), keep the other
-    shards' components from `served`, and write a new served-set version if anything changed."""
+    shards' components from `served`, and write a new served-set version if anything changed (with
+    `write(components, version=...)`, default `registry.add_served` in `conn`)."""
     version, components = served
     by_shard: dict[int, list[dict]] = defaultdict(list)
     for o in shard_orders:
@@ -95,7 +104,10 @@ def _serve(registry: Registry, conn, served: tuple[int, list[dict]], shard_order
     new = sorted(kept + fresh, key=lambda c: c["shard"])
     if new == components:
         return version, components
-    registry.add_served(conn, new, version=version + 1)
+    if write is None:
+        registry.add_served(conn, new, version=version + 1)
+    else:
+        write(new, version=version + 1)
     return version + 1, new
 
 
@@ -106,114 +118,166 @@ def request_fingerprint(key: bytes, *, ids: Sequence[str], subjects: Sequence[st
     return hmac.new(key, json.dumps(payload, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What one deletion request did inside a transaction, and what must follow once it commits."""
+
+    receipt: Receipt
+    erased: tuple[str, ...] = ()      # records whose derived copies (cache) must be shredded before the commit
+    key_slots: tuple[int, ...] = ()   # keys to destroy after the commit
+    replayed: bool = False            # the idempotency key was seen before: the stored receipt, nothing applied
+
+
 def delete(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
            reference: str | None = None,
            erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
            idempotency_key: str | None = None, requested_by: str | None = None,
            signing_key: "Ed25519PrivateKey | None" = None) -> Receipt:
-    """Delete records and/or every record of data subjects; effective when this returns.
+    """Delete records and/or every record of data subjects, in a transaction of its own; effective when
+    this returns. (`S3T.delete` goes through `batch.DeletionQueue`, which applies concurrent requests
+    in one transaction, each with `apply`.)
 
     `erase_derived(ids)` is a context manager that removes what was computed from the records' content
     outside the database (the trunk cache) when entered, and keeps it from being recomputed until it
     exits, after the commit (`cache.erasing`): an acknowledged deletion has left no copy behind. The
     records' keys are destroyed after the commit (before it, a failed commit would lose live data); a
-    crash in between is finished by the next `S3T.open`. A repeated `idempotency_key` returns the
-    receipt stored under it and deletes nothing; the key is written in the deletion's own transaction,
-    so a request is never applied twice. `requested_by` is stored in the receipt, and the request's ids
-    + subjects count towards that requester's usage for the day (UTC), in the same transaction. The
-    receipt is appended to the ledger's hash chain, signed with `signing_key` (`s3t.ledger`).
+    crash in between is finished by the next `S3T.open`. The receipt is appended to the ledger's hash
+    chain, signed with `signing_key` (`s3t.ledger`).
     """
-    started = time.perf_counter()
-    request_id, created_at = uuid.uuid4().hex, utcnow()
-    ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
-    digests = {s: subject_digest(key, s) for s in subjects}
-    fingerprint = request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
+    from .batch import Batch
+
     with ExitStack() as until_committed, registry.transaction() as conn:
-        # 0. A key seen before answers with its stored receipt (checked under the write lock: no race).
-        if idempotency_key is not None and (seen := registry.idempotent(conn, idempotency_key)) is not None:
-            if seen["fingerprint"] != fingerprint:
-                raise ConflictError(f"idempotency key {idempotency_key!r} was used for a different request "
-                                    f"({seen['request_id']}); use a new key for a new request")
-            stored = registry.receipt_in(conn, seen["request_id"])
-            # That deletion committed long ago; if its key destruction failed, a retry finishes it.
-            registry.keys.destroy(r["key_slot"] for r in registry.find_records(conn, ids=stored["deleted"]))
-            return Receipt.from_dict(stored)
-        # 1. Resolve the request by key (ids, subjects' keyed digests): no scan of the data.
-        rows = registry.find_records(conn, ids=ids, subject_digests=list(digests.values()))
-        live = [r for r in rows if r["deleted_in"] is None]
-        known = {r["id"] for r in rows}
-        seen_digests = {r["subject_digest"] for r in rows if r["subject_digest"]}
-        # 2. Erase their content; the id stays as a tombstone so a repeat reports "already deleted".
-        registry.erase_records(conn, live, request_id)
-        # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on. A record
-        #    added since training that no stage saw yet hits nothing: every stage is exact without it.
-        hit: dict[int, set[int]] = defaultdict(set)
-        seen = registry.seen(conn, [r["id"] for r in live])
-        for r in live:
-            if r["id"] in seen:
-                hit[r["shard"]].add(r["slice"])
-        served = registry.served(conn)
-        depth_before = {c["shard"]: c["depth"] for c in served[1]}
-        shard_orders = registry.orders(conn, shards=hit)
-        for o in shard_orders:
-            depth = truncate(o["slices"], o["depth"], hit[o["shard"]])
-            if depth != o["depth"]:
-                registry.set_depth(conn, o["shard"], o["position"], depth)
-                o["depth"] = depth
-        # 4. Serve each hit shard's deepest surviving order (a shard with none drops out).
-        version, components = _serve(registry, conn, served, shard_orders)
-        served_artifacts = sorted({a for c in components for a in c["artifacts"]})
-        # 5. Check the claim against the stored lineage, not against the truncation logic above.
-        named = sorted(known)
-        tainted = registry.tainted(conn, served_artifacts, named)
-        if tainted:
-            raise IntegrityError(f"served artifacts {sorted(tainted)} saw deleted ids; deletion rolled back")
-        depth_after = {c["shard"]: c["depth"] for c in components}
-        # 6. Retire every stage that saw a deleted record (none is served, as just checked): they can never
-        #    be served again, so they go. The caller shreds their files once this commits.
-        retired = sorted(registry.artifacts_that_saw(conn, [r["id"] for r in live]))
-        registry.retire(conn, retired)
-        receipt = Receipt(
-            request_id=request_id, created_at=created_at, reference=reference,
-            deleted=tuple(sorted(r["id"] for r in live)),
-            already_deleted=tuple(sorted(r["id"] for r in rows if r["deleted_in"] is not None and r["id"] in ids)),
-            unknown=tuple(i for i in ids if i not in known),
-            subjects=tuple(digests[s] for s in subjects),
-            unknown_subjects=tuple(digests[s] for s in subjects if digests[s] not in seen_digests),
-            shards=tuple({"shard": s, "depth_before": depth_before.get(s, 0), "depth_after": depth_after.get(s, 0)}
-                         for s in sorted(hit)),
-            served_version=version, served_artifacts=tuple(served_artifacts),
-            lineage_check=(f"passed: none of the {len(served_artifacts)} served artifacts has any of the "
-                           f"{len(named)} named ids in its recorded lineage"),
-            duration_ms=round((time.perf_counter() - started) * 1000, 3), requested_by=requested_by,
-            retired_artifacts=tuple(retired),
-        )
-        # 7. Shred derived copies (cached hidden states) before committing, and keep them from being
-        #    rewritten until the commit is done (the stack exits after the transaction): a crash here leaves
-        #    the records live and the cache merely cold, never a deleted record's trace behind an ack.
-        if live:
-            until_committed.enter_context(erase_derived([r["id"] for r in live]))
-        # 8. The ledger entry commits with everything above: acknowledged means durable.
-        ledger.append(registry, conn, receipt.to_dict(), signing_key=signing_key)
-        if idempotency_key is not None:
-            registry.add_idempotent(conn, idempotency_key, fingerprint, request_id)
-        if requested_by is not None:   # per-requester daily counts (the service's quotas), exact after a crash
-            registry.add_usage(conn, requested_by, created_at[:10], len(ids) + len(subjects))
-    # 9. Committed: destroy the records' keys, so every copy of their sealed content (a journal's, a freed
-    #    block's) is noise. Not before the commit: a rolled-back deletion must not lose live records.
-    registry.keys.destroy(r["key_slot"] for r in live)
+        batch = Batch(registry, conn, key, signing_key=signing_key)
+        receipt = batch.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
+                               requested_by=requested_by)
+        batch.flush()
+        # Shred derived copies (cached hidden states) before committing, and keep them from being
+        # rewritten until the commit is done (the stack exits after the transaction): a crash here leaves
+        # the records live and the cache merely cold, never a deleted record's trace behind an ack.
+        if batch.erased:
+            until_committed.enter_context(erase_derived(list(batch.erased)))
+    # Committed: destroy the records' keys, so every copy of their sealed content (a journal's, a freed
+    # block's) is noise. Not before the commit: a rolled-back deletion must not lose live records.
+    registry.keys.destroy(batch.key_slots)
     return receipt
 
 
-def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> dict:
+def apply(batch: "Batch", *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None,
+          idempotency_key: str | None = None, requested_by: str | None = None) -> Applied:
+    """One deletion request in a write transaction (`batch`: the transaction, with the writes of the
+    requests before this one in it): ledger entry, erasure, truncation, served set, lineage check,
+    retirement. The caller shreds `erased` records' derived copies before committing and destroys
+    `key_slots` after; the retired stages' files are shredded once it commits.
+
+    A repeated `idempotency_key` returns the receipt stored under it and deletes nothing; the key is
+    written in the deletion's own transaction, so a request is never applied twice. `requested_by` is
+    stored in the receipt, and the request's ids + subjects count towards that requester's usage for the
+    day (UTC), in the same transaction.
+    """
+    started = time.perf_counter()
+    key = batch.key
+    ids, subjects = list(dict.fromkeys(ids)), list(dict.fromkeys(subjects))
+    digests = {s: subject_digest(key, s) for s in subjects}
+    fingerprint = request_fingerprint(key, ids=ids, subjects=subjects, reference=reference)
+    # 0. A key seen before answers with its stored receipt (checked under the write lock: no race).
+    if idempotency_key is not None and (seen := batch.idempotent(idempotency_key)) is not None:
+        if seen["fingerprint"] != fingerprint:
+            raise ConflictError(f"idempotency key {idempotency_key!r} was used for a different request "
+                                f"({seen['request_id']}); use a new key for a new request")
+        stored = batch.receipt(seen["request_id"])
+        # That deletion committed before; if its key destruction failed, destroying them again finishes it.
+        slots = tuple(r["key_slot"] for r in batch.find_records(ids=stored["deleted"]))
+        return Applied(Receipt.from_dict(stored), key_slots=slots, replayed=True)
+    request_id, created_at = uuid.uuid4().hex, utcnow()   # in commit order: "already deleted" means by an earlier one
+    # 1. Resolve the request by key (ids, subjects' keyed digests): no scan of the data.
+    rows = batch.find_records(ids=ids, subject_digests=list(digests.values()))
+    live = [dict(r) for r in rows if r["deleted_in"] is None]
+    known = {r["id"] for r in rows}
+    seen_digests = {r["subject_digest"] for r in rows if r["subject_digest"]}
+    already = tuple(sorted(r["id"] for r in rows if r["deleted_in"] is not None and r["id"] in ids))
+    # 2. Erase their content; the id stays as a tombstone so a repeat reports "already deleted".
+    batch.erase(live, request_id)
+    # 3. Truncate: in every order of a hit shard, drop the stages from the first hit slice on. A record
+    #    added since training that no stage saw yet hits nothing: every stage is exact without it.
+    hit: dict[int, set[int]] = defaultdict(set)
+    seen = batch.seen([r["id"] for r in live])
+    for r in live:
+        if r["id"] in seen:
+            hit[r["shard"]].add(r["slice"])
+    served = batch.served()
+    depth_before = {c["shard"]: c["depth"] for c in served[1]}
+    shard_orders = batch.orders(hit)
+    for o in shard_orders:
+        depth = truncate(o["slices"], o["depth"], hit[o["shard"]])
+        if depth != o["depth"]:
+            batch.set_depth(o, depth)
+    for shard, capacity in _capacities(shard_orders).items():
+        batch.set_capacity(shard, capacity)
+    # 4. Serve each hit shard's deepest surviving order (a shard with none drops out).
+    version, components = _serve(batch.registry, batch.conn, served, shard_orders, write=batch.add_served)
+    served_artifacts = sorted({a for c in components for a in c["artifacts"]})
+    # 5. Check the claim against the stored lineage, not against the truncation logic above: which
+    #    artifacts' recorded lineage holds a named id (one indexed read, also used by step 6).
+    named = sorted(known)
+    saw = batch.saw(named)
+    if tainted := sorted(set(served_artifacts) & set(saw)):
+        raise IntegrityError(f"served artifacts {tainted} saw deleted ids; deletion rolled back")
+    depth_after = {c["shard"]: c["depth"] for c in components}
+    # 6. Retire every registered stage that saw a record deleted now (none is served, as just checked):
+    #    they can never be served again, so they go. Their files are shredded once this commits.
+    live_saw = saw if len(live) == len(named) else batch.saw([r["id"] for r in live])
+    retired = sorted(a for a, registered in live_saw.items() if registered)
+    batch.retire(retired)
+    receipt = Receipt(
+        request_id=request_id, created_at=created_at, reference=reference,
+        deleted=tuple(sorted(r["id"] for r in live)),
+        already_deleted=already,
+        unknown=tuple(i for i in ids if i not in known),
+        subjects=tuple(digests[s] for s in subjects),
+        unknown_subjects=tuple(digests[s] for s in subjects if digests[s] not in seen_digests),
+        shards=tuple({"shard": s, "depth_before": depth_before.get(s, 0), "depth_after": depth_after.get(s, 0)}
+                     for s in sorted(hit)),
+        served_version=version, served_artifacts=tuple(served_artifacts),
+        lineage_check=(f"passed: none of the {len(served_artifacts)} served artifacts has any of the "
+                       f"{len(named)} named ids in its recorded lineage"),
+        duration_ms=round((time.perf_counter() - started) * 1000, 3), requested_by=requested_by,
+        retired_artifacts=tuple(retired),
+    )
+    # 7. The ledger entry commits with everything above: acknowledged means durable.
+    write_ledger_entry(batch, receipt, idempotency_key=idempotency_key, fingerprint=fingerprint)
+    if requested_by is not None:   # per-requester daily counts (the service's quotas), exact after a crash
+        batch.add_usage(requested_by, created_at[:10], len(ids) + len(subjects))
+    return Applied(receipt, erased=tuple(r["id"] for r in live), key_slots=tuple(r["key_slot"] for r in live))
+
+
+def write_ledger_entry(batch: "Batch", receipt: Receipt, *, idempotency_key: str | None, fingerprint: str) -> None:
+    """One request's ledger entry, and its idempotency key, in the deletion's transaction."""
+    batch.add_ledger_entry(receipt.to_dict())
+    if idempotency_key is not None:
+        batch.add_idempotent(idempotency_key, fingerprint, receipt.request_id, receipt.created_at)
+
+
+def _capacities(shard_orders: Sequence[dict]) -> dict[int, int]:
+    """The deletion capacity of each shard in `shard_orders` (at their current depths)."""
+    by_shard: dict[int, list[dict]] = defaultdict(list)
+    for o in shard_orders:
+        by_shard[o["shard"]].append(o)
+    return {shard: deletions_to_drop([o["slices"] for o in mine], [o["depth"] for o in mine])
+            for shard, mine in by_shard.items()}
+
+
+def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+            batch: "Batch | None" = None) -> dict:
     """What `delete` would do, without doing it: {records, shards: [{shard, depth_before, depth_after,
     capacity_before, capacity_after}]} for every shard holding a live record of the request.
 
     Capacity is `deletions_to_drop`: the fewest further deletions that take the shard out of the ensemble.
+    With `batch`, it reads inside that transaction (what the requests before it in the batch did included).
     """
     digests = [subject_digest(key, s) for s in subjects]
-    with registry.engine.connect() as conn:
-        rows = registry.find_records(conn, ids=list(ids), subject_digests=digests)
+    with registry.engine.connect() if batch is None else nullcontext(batch.conn) as conn:
+        rows = (registry.find_records(conn, ids=list(ids), subject_digests=digests) if batch is None
+                else batch.find_records(ids=list(ids), subject_digests=digests))
         live = [r for r in rows if r["deleted_in"] is None]
         hit: dict[int, set[int]] = defaultdict(set)
         seen = registry.seen(conn, [r["id"] for r in live])
@@ -221,7 +285,7 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
             if r["id"] in seen:
                 hit[r["shard"]].add(r["slice"])
         by_shard: dict[int, list[dict]] = defaultdict(list)
-        for o in registry.orders(conn, shards=hit):
+        for o in (registry.orders(conn, shards=hit) if batch is None else batch.orders(hit)):
             by_shard[o["shard"]].append(o)
     shards = []
     for shard, shard_orders in sorted(by_shard.items()):
@@ -296,7 +360,10 @@ def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str],
             registry.set_depth(conn, order["shard"], order["position"], len(lineages))
             superseded = registry.unreferenced(conn, set(before) - set(lineages))
             registry.unregister(conn, superseded)
-            _serve(registry, conn, registry.served(conn), registry.orders(conn, shards=[order["shard"]]))
+            shard_orders = registry.orders(conn, shards=[order["shard"]])
+            for shard, capacity in _capacities(shard_orders).items():
+                registry.set_capacity(conn, shard, capacity)
+            _serve(registry, conn, registry.served(conn), shard_orders)
         for lineage_hash in sorted(superseded):   # the caller holds the training lock: nobody saves one meanwhile
             trainer.store.shred(lineage_hash)
         trainer.forget(superseded)

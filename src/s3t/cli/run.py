@@ -64,23 +64,26 @@ def demo(run_dir: Annotated[Optional[Path], typer.Option(help="Keep the run here
 def train(run_dir: RunDir,
           data: Annotated[Optional[str], typer.Option(help="Records: .jsonl or .csv with id,text,label[,subject] (or id,image,label), a folder of images LABEL/FILE, or `bbc-news`.")] = None,
           plan: Annotated[Optional[Path], typer.Option(help="Plan TOML file (default: s3t.Plan()).")] = None,
+          database_url: Annotated[Optional[str], typer.Option(help="Keep the registry in this database, e.g. postgresql+psycopg://user@host/db (default: SQLite in the run folder).")] = None,
+          database_schema: Annotated[Optional[str], typer.Option(help="PostgreSQL schema of the run's tables (created if missing; one run per schema).")] = None,
           quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
     """Create a run from --data and train it, or resume training an existing run.
 
-    Example: s3t train runs/news --data train.jsonl --plan plan.toml
+    Example: s3t train runs/news --data train.jsonl --plan plan.toml --database-url postgresql+psycopg://s3t@db/s3t --database-schema news
     """
     from ..plan import Plan
     from ..system import RUN_FILE, S3T
 
     if (run_dir / RUN_FILE).exists():
-        if data is not None or plan is not None:
+        if data is not None or plan is not None or database_url is not None or database_schema is not None:
             raise S3TError(f"{run_dir} already holds a run; resume it with `s3t train {run_dir}` "
-                           "(no --data/--plan) or choose a new folder")
+                           "(no --data/--plan/--database-*) or choose a new folder")
         system = S3T.open(run_dir)
     elif data is None:
         raise S3TError(f"no run at {run_dir} yet: give --data FILE to create one")
     else:
-        system = S3T.create(run_dir, Plan.from_toml(plan) if plan else Plan(), _load_data(data))
+        system = S3T.create(run_dir, Plan.from_toml(plan) if plan else Plan(), _load_data(data),
+                            database_url=database_url, database_schema=database_schema)
     system.train(progress=not quiet)
     console.print(f"trained {run_dir}: {depths(system)}", markup=False)
 

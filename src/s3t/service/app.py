@@ -1,7 +1,8 @@
 """HTTP routes over `Service`: FastAPI request/response models in, library calls, JSON out.
 
 Every route is a few lines: one call on `Service`, run in its lane (`lanes`: predictions, writes and
-reads each have their own threads, so a flood of predictions cannot delay a deletion or /healthz);
+reads each have their own threads, so a flood of predictions cannot delay a deletion or /healthz) or,
+for deletions and review decisions, queued for the run's group commit and awaited as a future;
 errors map to statuses in one table (`STATUS`): bad input 422 (duplicate JSON keys included), body too
 large 413, no or unknown token 401, missing role 403, unknown id 404 (also for another token's), a
 conflicting idempotency key, a decided held request, an id already in the run or a re-add while a
@@ -12,6 +13,7 @@ messages never name the server's paths. See `core` for the concurrency and visib
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures, whose dependency
 # aliases (Predictor, Deleter, Admin) are local to `create_app`.
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -103,15 +105,19 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     bearer = HTTPBearer(auto_error=False, description="A token from `s3t token create RUN_DIR --role ROLE`.")
     reads, writes, model = service.read_lane, service.write_lane, service.model_lane
 
-    def caller(*roles: str) -> Callable[..., Token | None]:
+    def caller(*roles: str, cached: bool = False) -> Callable[..., Token | None]:
         async def dependency(request: Request, _scheme=Depends(bearer)) -> Token | None:
+            authorization = request.headers.get("authorization")
+            if cached and (token := service.authorize_in_memory(authorization, *roles)) is not None:
+                return token   # no I/O: no thread hop
             client = request.client.host if request.client else "unknown"
-            return await reads.run(service.authorize, request.headers.get("authorization"), *roles, client=client)
+            return await reads.run(service.authorize, authorization, *roles, client=client, cached=cached)
         return dependency
 
     Predictor = Annotated[Token | None, Depends(caller("predict"))]
     Viewer = Annotated[Token | None, Depends(caller("predict", "metrics"))]
     Deleter = Annotated[Token, Depends(caller("delete"))]
+    Eraser = Annotated[Token, Depends(caller("delete", cached=True))]   # its group commit re-checks revocation
     Ingester = Annotated[Token, Depends(caller("ingest"))]
     Watcher = Annotated[Token, Depends(caller("metrics"))]
     Admin = Annotated[Token, Depends(caller("admin"))]
@@ -170,10 +176,10 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
 
     @app.post("/v1/deletions", response_model=ReceiptOut, tags=["deletions"],
               responses={202: {"model": HeldResponse, "description": "Held for an admin's review."}})
-    async def delete(body: DeletionRequest, token: Deleter, idempotency_key: IdempotencyKey = None) -> Response:
+    async def delete(body: DeletionRequest, token: Eraser, idempotency_key: IdempotencyKey = None) -> Response:
         """Forget records and/or subjects now; answers once the deletion is durably committed."""
-        result = await writes.run(service.delete, token, ids=body.ids, subjects=body.subjects,
-                                  reference=body.reference, idempotency_key=idempotency_key)
+        result = await asyncio.wrap_future(service.submit_delete(
+            token, ids=body.ids, subjects=body.subjects, reference=body.reference, idempotency_key=idempotency_key))
         if result.outcome == "held":
             return JSONResponse({"status": "held", "flag": result.flag.to_dict()}, status_code=202)
         return JSONResponse(result.receipt.to_dict(),
@@ -262,12 +268,14 @@ def create_app(run_dir: str | Path, settings: ServiceSettings | None = None) -> 
     @app.post("/v1/review/{flag_id}/apply", response_model=ReceiptOut, tags=["review"])
     async def apply(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Apply a held deletion request (admin); answers with its receipt."""
-        return (await writes.run(service.apply, admin, flag_id, note=body.note if body else None)).to_dict()
+        return (await asyncio.wrap_future(service.submit_apply(admin, flag_id, note=body.note if body else None))
+                ).to_dict()
 
     @app.post("/v1/review/{flag_id}/reject", response_model=FlagOut, tags=["review"])
     async def reject(flag_id: FlagId, admin: Admin, body: ReviewDecision | None = None) -> dict:
         """Reject a held deletion request (admin): nothing is deleted, the decision is kept."""
-        return (await writes.run(service.reject, admin, flag_id, note=body.note if body else None)).to_dict()
+        return (await asyncio.wrap_future(service.submit_reject(admin, flag_id, note=body.note if body else None))
+                ).to_dict()
 
     @app.get("/v1/capacity", response_model=CapacityOut, tags=["status"])
     async def capacity(_token: Watcher) -> dict:

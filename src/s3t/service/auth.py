@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 
 from ..errors import AuthError, DataError, ForbiddenError, NotFoundError
 from ..registry import Registry
 
-__all__ = ["ROLES", "Token", "create_token", "list_tokens", "revoke_token", "authenticate", "require"]
+__all__ = ["ROLES", "Token", "TokenCache", "create_token", "list_tokens", "revoke_token", "authenticate", "require"]
 
 ROLES = ("predict", "delete", "ingest", "metrics", "admin")
 PREFIX = "s3t_"
@@ -84,21 +85,66 @@ def revoke_token(registry: Registry, token_id: str) -> None:
             raise NotFoundError(f"no live token with id {token_id!r}; list them with `s3t token list RUN_DIR`")
 
 
-def authenticate(registry: Registry, authorization: str | None) -> Token:
-    """The token presented in an `Authorization: Bearer ...` header; AuthError if absent, unknown or revoked."""
+class TokenCache:
+    """Live tokens by the SHA-256 of their secret, so a hot path can skip the registry lookup.
+
+    Only for callers that re-check revocation where it matters: the deletion path does, in its group
+    commit's transaction (`Registry.token_revoked`), so a revoked token is refused on its next request
+    whatever this cache holds. Bounded: cleared when it reaches `max_tokens`.
+    """
+
+    def __init__(self, max_tokens: int = 10_000) -> None:
+        self.max_tokens = max_tokens
+        self._tokens: dict[str, Token] = {}
+        self._lock = threading.Lock()
+
+    def get(self, authorization: str) -> Token | None:
+        secret = _secret(authorization, strict=False)
+        return self._tokens.get(_digest(secret)) if secret else None
+
+    def put(self, digest: str, token: Token) -> None:
+        with self._lock:
+            if len(self._tokens) >= self.max_tokens:
+                self._tokens.clear()
+            self._tokens[digest] = token
+
+    def forget(self, token_id: str) -> None:
+        with self._lock:
+            for digest in [d for d, t in self._tokens.items() if t.id == token_id]:
+                del self._tokens[digest]
+
+
+def _secret(authorization: str | None, *, strict: bool = True) -> str | None:
+    """The secret of an `Authorization: Bearer s3t_...` header (AuthError if malformed, or None if not strict)."""
     if not authorization:
+        if not strict:
+            return None
         raise AuthError("this endpoint needs a token: send `Authorization: Bearer s3t_...` "
                         "(create one with `s3t token create RUN_DIR`)")
     scheme, _, secret = authorization.partition(" ")
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret.startswith(PREFIX):
+        if not strict:
+            return None
         raise AuthError("malformed Authorization header: expected `Bearer s3t_...`")
-    row = registry.token_by_secret(_digest(secret))
+    return secret
+
+
+def authenticate(registry: Registry, authorization: str | None, *, cache: TokenCache | None = None) -> Token:
+    """The token presented in an `Authorization: Bearer ...` header; AuthError if absent, unknown or revoked.
+
+    With `cache`, a token found there is returned without asking the registry (see `TokenCache`)."""
+    digest = _digest(_secret(authorization))
+    if cache is not None and (token := cache._tokens.get(digest)) is not None:
+        return token
+    row = registry.token_by_secret(digest)
     if row is None:
         raise AuthError("unknown token: check it, or create one with `s3t token create RUN_DIR`")
     token = Token.from_row(row)
     if token.revoked_at is not None:
         raise AuthError(f"token {token.id} was revoked at {token.revoked_at}")
+    if cache is not None:
+        cache.put(digest, token)
     return token
 
 

@@ -4,18 +4,22 @@ Concurrency and visibility (the semantics the HTTP API promises):
 
 - One `S3T` serves the process. Its backbone switches adapters per call, so predictions take
   `model_lock` one at a time. Deletions never touch the model and never wait for predictions: the HTTP
-  routes run predictions, writes and reads in separate lanes (`lanes`), so predictions queued for the
-  model hold no thread that a deletion, an auth check or /healthz needs.
-- Deletions in this process take `write_lock` (guard check, then apply, then quota), and every registry
-  write transaction begins with SQLite's BEGIN IMMEDIATE and waits on a busy lock, so concurrent
-  requests and the restoration child serialise instead of failing with "database is locked".
-- A deletion is acknowledged (its HTTP response sent) only after its transaction committed: the ledger
-  entry, the erased records, the truncated orders and the new served set, all at once, with SQLite's
-  synchronous=FULL. A prediction reads the served set from the registry when it starts computing (after
-  taking `model_lock`), so any prediction that starts after an acknowledgement uses the served set that
-  deletion chose; every prediction reports the served-set version it used.
+  routes run predictions and reads in separate lanes (`lanes`), and hand deletions to the run's
+  deletion queue (`S3T.deletions`, a group commit: `s3t.batch`), so predictions queued for the model
+  hold no thread that a deletion, an auth check or /healthz needs.
+- Deletion requests that arrive together are applied in one transaction, each in its own savepoint, in
+  arrival order: its replay check, quota, capacity guard and hold or deletion (`_decide`) run in that
+  transaction, so each is judged with the requests ahead of it counted, and one that fails (a quota, a
+  conflict) fails alone. Each keeps its own receipt, ledger entry, idempotency key and quota count.
+- A deletion is acknowledged (its HTTP response sent) only after its batch committed (the ledger entry,
+  the erased records, the truncated orders and the new served set; SQLite with synchronous=FULL) and
+  the batch's keys were destroyed and retired stages shredded. A prediction reads the served set from
+  the registry when it starts computing (after taking `model_lock`), so any prediction that starts
+  after an acknowledgement uses the served set that deletion chose, whichever replica acknowledged it;
+  every prediction reports the served-set version it used.
 - Restoration runs in a child process (`worker`); its results are switched in by `unlearning.rebuild`,
-  which discards any order that saw a record deleted while it trained.
+  which discards any order that saw a record deleted while it trained. One trainer per run, across
+  replicas (the run's training lock: a PostgreSQL advisory lock when the registry is PostgreSQL).
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..audit import AuditReport
-from ..errors import ConflictError, DataError, NotFoundError, RateLimitError
+from ..batch import Batch
+from ..errors import AuthError, ConflictError, DataError, NotFoundError, RateLimitError
 from ..ingest import Addition
 from ..records import Dataset
 from ..system import S3T, Generation, Prediction
 from ..unlearning import Receipt
 from . import review
-from .auth import Token, authenticate, require
-from .guard import CapacityGuard, RateLimiter, check_quota
+from .auth import Token, TokenCache, authenticate, require
+from .guard import CapacityGuard, RateLimiter, SharedRateLimiter, check_quota, utc_day
 from .lanes import Lane
 from .metrics import Metrics
 from .review import Flag, FlagSummary
@@ -56,7 +62,8 @@ class DeletionOutcome:
 
     outcome: str                 # applied | replayed | held
     receipt: Receipt | None = None
-    flag: Flag | None = None
+    flag: Flag | None = None     # the hold, or the alert recorded for an applied request
+    replayed: bool = False       # answered from an idempotency key seen before (a receipt or a pending hold)
 
 
 class Service:
@@ -67,10 +74,14 @@ class Service:
 
         self.settings = settings or ServiceSettings()
         self.system = S3T.open(run_dir)
+        self.system.deletions.max_batch = self.settings.max_batch
+        registry = self.system.registry
         self.model_lock = threading.Lock()
-        self.write_lock = threading.Lock()
-        self.limiter = RateLimiter(max_keys=self.settings.rate_limit_keys)
-        self.guard = CapacityGuard(self.settings.guard)
+        # Replicas share a PostgreSQL registry: their rate limits must too. A SQLite run has one server.
+        self.limiter = (SharedRateLimiter(registry) if registry.postgres
+                        else RateLimiter(max_keys=self.settings.rate_limit_keys))
+        self.guard = CapacityGuard(self.settings.guard, registry)
+        self.tokens = TokenCache()   # deletions re-check revocation in their transaction
         self.worker = (RestorationWorker(self.system, restore_below=self.settings.restore_below,
                                          poll_s=self.settings.restore_poll_s, train_added=self.settings.train_added,
                                          on_finish=self._restored)
@@ -79,7 +90,7 @@ class Service:
         self.model_ready = threading.Event()
         # The model's one thread with a bounded queue; writes and reads never wait behind predictions.
         self.model_lane = Lane("prediction", threads=1, limit=self.settings.prediction_queue)
-        self.write_lane = Lane("write", threads=1)   # deletions serialise on `write_lock` anyway
+        self.write_lane = Lane("write", threads=1)   # restoration requests (deletions go to the queue)
         self.read_lane = Lane("read", threads=4)
         # The capacity simulator takes up to seconds on a large run: its own thread, so it never holds one
         # that auth checks, status or /healthz need.
@@ -111,22 +122,27 @@ class Service:
             lane.close()
         if self._housekeeping.is_alive():
             self._housekeeping.join(10)
-        self.system.close()
+        self.system.close()   # applies what the deletion queue holds, then stops it
 
     def _housekeep(self) -> None:
-        """Purge expired idempotency keys at start, then hourly (or every TTL if shorter)."""
-        every = max(1.0, min(self.settings.idempotency_ttl_s, 3600.0))
+        """Purge expired idempotency keys, guard buckets and idle rate-limit buckets at start, then hourly
+        (or every TTL if shorter)."""
+        every = max(1.0, min(self.settings.idempotency_ttl_s, 3600.0, self.settings.guard.window_s))
         while True:
             try:
                 self.expire_keys()
+                if isinstance(self.limiter, SharedRateLimiter):
+                    self.limiter.expire()
             except Exception:   # keep serving; the next round retries
-                log.exception("purging expired idempotency keys failed")
+                log.exception("housekeeping (expired idempotency keys, guard and rate-limit buckets) failed")
             if self._stopping.wait(every):
                 return
 
     def expire_keys(self) -> int:
-        """Forget idempotency keys older than `idempotency_ttl_s` (an index range delete, never a scan)."""
+        """Forget idempotency keys older than `idempotency_ttl_s` (an index range delete, never a scan), and
+        guard buckets that have left the window."""
         with self.system.registry.transaction() as conn:
+            self.guard.expire(conn)
             return self.system.registry.expire_idempotent(conn, before=self._key_cutoff())
 
     def _key_cutoff(self) -> str:
@@ -142,13 +158,27 @@ class Service:
             log.exception("loading the model failed; predictions will retry and report the error")
 
     # -- auth ---------------------------------------------------------------------------------------
-    def authorize(self, authorization: str | None, *roles: str, client: str) -> Token | None:
+    def authorize(self, authorization: str | None, *roles: str, client: str, cached: bool = False) -> Token | None:
         """The caller's token, checked for one of `roles` and its rate limit; None for an anonymous caller
-        of a `predict` endpoint on a server with public predictions."""
+        of a `predict` endpoint on a server with public predictions. `cached`: a token seen before is
+        taken from memory (the deletion path, whose transaction re-checks revocation); otherwise the
+        registry is asked, so a revocation takes effect on the next request."""
         if authorization is None and "predict" in roles and self.settings.public_predict:
             self.limiter.take(f"anonymous client {client}", rate=self.settings.rate, burst=self.settings.burst)
             return None
-        token = authenticate(self.system.registry, authorization)
+        token = authenticate(self.system.registry, authorization, cache=self.tokens if cached else None)
+        require(token, *roles)
+        self.limiter.take(f"token {token.id}", rate=token.rate or self.settings.rate, burst=self.settings.burst)
+        return token
+
+    def authorize_in_memory(self, authorization: str | None, *roles: str) -> Token | None:
+        """`authorize(..., cached=True)` when it needs no I/O (a cached token, in-memory rate limits), so the
+        event loop can run it without a thread hop; None when it would need the registry."""
+        if isinstance(self.limiter, SharedRateLimiter) or authorization is None:
+            return None
+        token = self.tokens.get(authorization)
+        if token is None:
+            return None
         require(token, *roles)
         self.limiter.take(f"token {token.id}", rate=token.rate or self.settings.rate, burst=self.settings.burst)
         return token
@@ -194,61 +224,95 @@ class Service:
     # -- deletions ----------------------------------------------------------------------------------
     def delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
                reference: str | None = None, idempotency_key: str | None = None) -> DeletionOutcome:
-        """Replay, hold or apply one deletion request (the order of the checks is the order below)."""
+        """Replay, hold or apply one deletion request, and wait for its group commit."""
+        return self.submit_delete(token, ids=ids, subjects=subjects, reference=reference,
+                                  idempotency_key=idempotency_key).result()
+
+    def submit_delete(self, token: Token, *, ids: Sequence[str] = (), subjects: Sequence[str] = (),
+                      reference: str | None = None, idempotency_key: str | None = None) -> "Future[DeletionOutcome]":
+        """Queue one deletion request for the next group commit; the future resolves once it is durable."""
         key = f"{token.id}:{idempotency_key}" if idempotency_key else None   # keys are per token
-        try:
-            return self._delete(token, key, ids=ids, subjects=subjects, reference=reference)
-        except ConflictError as exc:   # name the key as the client sent it
-            raise ConflictError(str(exc).replace(repr(key), repr(idempotency_key))) from None
-
-    def _delete(self, token: Token, key: str | None, *, ids: Sequence[str], subjects: Sequence[str],
-                reference: str | None) -> DeletionOutcome:
+        ids, subjects = list(ids), list(subjects)
         started = time.perf_counter()
-        with self.write_lock:
-            # A key seen before (and not expired): the first request's result, whatever the limits say now.
-            if key is not None and (replay := self._replay(key, ids=ids, subjects=subjects, reference=reference)):
-                self.metrics.deletion_requests.labels("replayed").inc()
-                return replay
-            check_quota(self.system.registry, token, len(ids) + len(subjects), default=self.settings.daily_quota)
-            reviewed = token.allows("admin")   # an admin's own request is its own review: never held
-            verdict = self.guard.judge(token.id, self.system, ids=ids, subjects=subjects)
-            flagged = verdict.flagged and not reviewed
-            if flagged and self.settings.guard.action == "hold":
-                self._check_held_cap(token)
-                flag = review.hold(self.system, token_id=token.id, ids=ids, subjects=subjects, reference=reference,
-                                   reason=verdict.reason, idempotency_key=key)
-                self.metrics.guard_flags.labels("hold").inc()
-                self.metrics.deletion_requests.labels("held").inc()
-                log.warning("held deletion request %s for review: %s", flag.id, verdict.reason)
-                return DeletionOutcome("held", flag=flag)
-            receipt = self.system.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=key,
-                                         requested_by=token.id)
-            self.guard.record(token.id, verdict, reviewed=reviewed)
-            if flagged:
-                flag = review.record_alert(self.system, token_id=token.id, receipt=receipt, reason=verdict.reason)
-                self.metrics.guard_flags.labels("alert").inc()
-                log.warning("deletion request %s flagged (flag %s): %s", receipt.request_id, flag.id, verdict.reason)
-        self.metrics.deletion_requests.labels("applied").inc()
-        self.metrics.deleted_records.inc(len(receipt.deleted))
-        self.metrics.deletion_latency.observe(elapsed := time.perf_counter() - started)
-        self.recent_latency.append(elapsed)
-        if self.worker is not None:
-            self.worker.poke()
-        return DeletionOutcome("applied", receipt=receipt)
 
-    def _check_held_cap(self, token: Token) -> None:
-        held = review.pending(self.system, token_id=token.id)
+        def work(batch: Batch) -> DeletionOutcome:
+            try:
+                return self._decide(batch, token, key, ids=ids, subjects=subjects, reference=reference)
+            except ConflictError as exc:   # name the key as the client sent it
+                raise ConflictError(str(exc).replace(repr(key), repr(idempotency_key))) from None
+
+        future = self.system.deletions.submit(work, ids=ids, keys=[key] if key else [], tokens=[token.id])
+        future.add_done_callback(lambda f: self._answered(token, f, started))
+        return future
+
+    def _decide(self, batch: Batch, token: Token, key: str | None, *, ids: list[str], subjects: list[str],
+                reference: str | None) -> DeletionOutcome:
+        """One request in its group commit's transaction (the order of the checks is the order below)."""
+        conn = batch.conn
+        if batch.revoked(token.id):   # the auth cache may predate a revocation
+            raise AuthError(f"token {token.id} was revoked")
+        # A key seen before (and not expired): the first request's result, whatever the limits say now.
+        if key is not None and (replay := self._replay(batch, key, ids=ids, subjects=subjects, reference=reference)):
+            return replay
+        check_quota(token, len(ids) + len(subjects), used=batch.usage(token.id, utc_day()),
+                    default=self.settings.daily_quota)
+        reviewed = token.allows("admin")   # an admin's own request is its own review: never held
+        verdict = self.guard.judge(token.id, self.system, batch, ids=ids, subjects=subjects)
+        flagged = verdict.flagged and not reviewed
+        if flagged and self.settings.guard.action == "hold":
+            self._check_held_cap(token, conn)
+            flag = review.hold(self.system, batch, token_id=token.id, ids=ids, subjects=subjects,
+                               reference=reference, reason=verdict.reason, idempotency_key=key)
+            return DeletionOutcome("held", flag=flag)
+        receipt = batch.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=key,
+                               requested_by=token.id)
+        self.guard.record(conn, token.id, verdict, reviewed=reviewed)
+        flag = (review.record_alert(self.system, conn, token_id=token.id, receipt=receipt, reason=verdict.reason)
+                if flagged else None)
+        return DeletionOutcome("applied", receipt=receipt, flag=flag)
+
+    def _answered(self, token: Token, future: "Future[DeletionOutcome]", started: float) -> None:
+        """Metrics and logs of a deletion request, once its group commit is done (and before its answer)."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, AuthError):
+                self.tokens.forget(token.id)
+            return
+        result = future.result()
+        if result.replayed:
+            self.metrics.deletion_requests.labels("replayed").inc()
+            return
+        if result.outcome == "held":
+            self.metrics.guard_flags.labels("hold").inc()
+            log.warning("held deletion request %s for review: %s", result.flag.id, result.flag.reason)
+        elif result.outcome == "applied":
+            self.metrics.deleted_records.inc(len(result.receipt.deleted))
+            self.metrics.deletion_latency.observe(elapsed := time.perf_counter() - started)
+            self.recent_latency.append(elapsed)
+            if result.flag is not None:
+                self.metrics.guard_flags.labels("alert").inc()
+                log.warning("deletion request %s flagged (flag %s): %s", result.receipt.request_id, result.flag.id,
+                            result.flag.reason)
+            if self.worker is not None:
+                self.worker.poke()
+        self.metrics.deletion_requests.labels(result.outcome).inc()
+
+    def _check_held_cap(self, token: Token, conn) -> None:
+        held = self.system.registry.count_flagged(conn, status="pending", token_id=token.id)
         if held >= self.settings.max_held:
             raise RateLimitError(
                 f"token {token.id} already has {held} deletion requests held for review, the most the server keeps "
                 f"per token ({self.settings.max_held}); send more once an admin has applied or rejected some "
                 "(GET /v1/review/{id} shows each one's status)", retry_after=60.0)
 
-    def _replay(self, key: str, **request) -> DeletionOutcome | None:
+    def _replay(self, batch: Batch, key: str, **request) -> DeletionOutcome | None:
+        conn = batch.conn
         cutoff = self._key_cutoff()
-        held = review.flag_for_key(self.system, key)
+        held = review.flag_for_key(self.system, key, conn) if batch.has_flag(key) else None
         if held is not None and held[0].status != "pending" and (held[0].decided_at or "") < cutoff:
-            self._expire_key(key, cutoff)   # decided longer ago than the TTL: the key is free again
+            batch.expire_key(key, before=cutoff)   # decided longer ago than the TTL: free again
             held = None
         if held is not None:
             flag, fingerprint = held
@@ -259,20 +323,18 @@ class Service:
                 raise ConflictError(f"this request (held as {flag.id}) was rejected by an admin at "
                                     f"{flag.decided_at}: {flag.note or 'no reason given'}")
             if flag.status == "pending":
-                return DeletionOutcome("held", flag=flag)
-            return DeletionOutcome("replayed", receipt=self.system.receipt(flag.request_id))
-        stored = self.system.idempotent_receipt(key)
-        if stored is None:
+                return DeletionOutcome("held", flag=flag, replayed=True)
+            return DeletionOutcome("replayed", receipt=Receipt.from_dict(batch.receipt(flag.request_id)),
+                                   replayed=True)
+        seen = batch.idempotent(key)
+        if seen is None:
             return None
-        if stored.created_at < cutoff:   # expired: a repeat is a new request (its receipt: "already deleted")
-            self._expire_key(key, cutoff)
+        stored = batch.receipt(seen["request_id"])
+        if stored["created_at"] < cutoff:   # expired: a repeat is a new request (its receipt: "already deleted")
+            batch.expire_key(key, before=cutoff)
             return None
         # The library checks the request matches the key's and returns the stored receipt.
-        return DeletionOutcome("replayed", receipt=self.system.delete(idempotency_key=key, **request))
-
-    def _expire_key(self, key: str, cutoff: str) -> None:
-        with self.system.registry.transaction() as conn:
-            self.system.registry.expire_idempotent(conn, before=cutoff, key=key)
+        return DeletionOutcome("replayed", receipt=batch.delete(idempotency_key=key, **request), replayed=True)
 
     def receipts(self, token: Token, *, reference: str | None = None, limit: int = 20) -> list[Receipt]:
         """Receipts newest first, only those with `reference` if given; a non-admin token sees only its own
@@ -325,18 +387,32 @@ class Service:
         return review.preview(self.system, flag_id)
 
     def apply(self, admin: Token, flag_id: str, *, note: str | None = None) -> Receipt:
-        with self.write_lock:
-            before = self.guard.ensemble_capacity(self.system.registry)
-            receipt = review.apply(self.system, flag_id, decided_by=admin.id, note=note)
-            self.guard.record_reviewed(before - self.guard.ensemble_capacity(self.system.registry))
-        self.metrics.deleted_records.inc(len(receipt.deleted))
-        if self.worker is not None:
-            self.worker.poke()
-        return receipt
+        return self.submit_apply(admin, flag_id, note=note).result()
+
+    def submit_apply(self, admin: Token, flag_id: str, *, note: str | None = None) -> "Future[Receipt]":
+        """Apply a held request in the next group commit; what it consumes counts as reviewed."""
+        def work(batch: Batch) -> Receipt:
+            before = sum(batch.capacities().values())
+            receipt = review.apply_in(batch, self.system, flag_id, decided_by=admin.id, note=note)
+            self.guard.record_reviewed(batch.conn, before - sum(batch.capacities().values()))
+            return receipt
+
+        def done(future: "Future[Receipt]") -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.metrics.deleted_records.inc(len(future.result().deleted))
+                if self.worker is not None:
+                    self.worker.poke()
+
+        future = self.system.deletions.submit(work)
+        future.add_done_callback(done)
+        return future
 
     def reject(self, admin: Token, flag_id: str, *, note: str | None = None) -> Flag:
-        with self.write_lock:
-            return review.reject(self.system, flag_id, decided_by=admin.id, note=note)
+        return self.submit_reject(admin, flag_id, note=note).result()
+
+    def submit_reject(self, admin: Token, flag_id: str, *, note: str | None = None) -> "Future[Flag]":
+        return self.system.deletions.submit(
+            lambda batch: review.reject_in(batch, self.system, flag_id, decided_by=admin.id, note=note))
 
     # -- adding records and the audit -----------------------------------------------------------------
     def add(self, token: Token, data: Dataset, *, replace_deleted: bool = False) -> Addition:
@@ -433,4 +509,5 @@ class Service:
 
     def _state(self) -> dict:
         return {"status": self.system.status(), "pending_holds": review.pending(self.system),
-                "restoring": self.worker is not None and self.worker.state == "running"}
+                "restoring": self.worker is not None and self.worker.state == "running",
+                "batches": self.system.deletions.batches, "batched": self.system.deletions.applied}

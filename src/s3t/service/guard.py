@@ -1,9 +1,13 @@
 """Abuse controls: per-token rate limits and daily quotas, and the capacity guard.
 
-Rate limits are token buckets kept in memory (a restart refills them), at most `max_keys` of them;
-quotas count the deletion items (ids + subjects) per token per UTC day in the registry, in the same
-transaction as the deletion (or the hold) they count, so they are exact across crashes and restarts.
-The capacity guard implements `GuardPolicy`.
+Rate limits are token buckets: in the registry on PostgreSQL (`SharedRateLimiter`: one atomic statement
+per request, on the database server's clock, so replicas of the service share every token's budget),
+in memory on SQLite (`RateLimiter`: a SQLite run is served by one process; a restart refills them).
+Quotas count the deletion items (ids + subjects) per token per UTC day in the registry, in the same
+transaction as the deletion (or the hold) they count, so they are exact across crashes, restarts and
+replicas. The capacity guard implements `GuardPolicy`; its windows are registry tables written in the
+deletion's transaction (replicas share them, and a request in a group commit is judged with the ones
+ahead of it counted), read per request by index for the request's token and hit shards only.
 
 Why two measures of consumption: a shard drops out of the ensemble when every live order has lost its
 first slice, and the whole model is gone when every shard has. Random deletions spread over shards and
@@ -21,18 +25,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict, defaultdict, deque
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from ..errors import RateLimitError
-from ..registry import Registry
-from ..truncation import deletions_to_drop
+from ..registry import ALL_TOKENS, Registry
 from .auth import Token
 from .settings import GuardPolicy
 
-__all__ = ["RateLimiter", "check_quota", "CapacityGuard", "Verdict", "utc_day"]
+__all__ = ["RateLimiter", "SharedRateLimiter", "check_quota", "CapacityGuard", "Verdict", "utc_day"]
+
+BUCKETS_PER_WINDOW = 60   # the guard's windows slide in steps of window_s / 60
 
 
 class RateLimiter:
@@ -70,14 +75,32 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
+class SharedRateLimiter:
+    """`RateLimiter` with its buckets in the registry (PostgreSQL): every replica of the service spends
+    from the same bucket, in one atomic statement per request (`Registry.take_rate`)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def take(self, key: str, *, rate: float, burst: int) -> None:
+        granted, left = self.registry.take_rate(key, rate=rate, burst=burst)
+        if not granted:
+            wait = (1.0 - left) / rate
+            raise RateLimitError(f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for {key}; "
+                                 f"retry in {wait:.2f} s", retry_after=wait)
+
+    def expire(self, *, idle_s: float = 3600.0) -> int:
+        return self.registry.expire_rate_buckets(idle_s=idle_s)
+
+
 def utc_day(now: datetime | None = None) -> str:
     return (now or datetime.now(timezone.utc)).strftime("%Y-%m-%d")
 
 
-def check_quota(registry: Registry, token: Token, items: int, *, default: int) -> None:
-    """RateLimitError if `items` more deletion items would exceed the token's quota for today (UTC)."""
+def check_quota(token: Token, items: int, *, used: int, default: int) -> None:
+    """RateLimitError if `items` more deletion items would exceed the token's quota for today (UTC), given
+    what it `used` today (`Batch.usage`: the requests before it in a group commit included)."""
     quota = token.daily_quota or default
-    used = registry.usage(token.id, utc_day())
     if used + items > quota:
         now = datetime.now(timezone.utc)
         midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -94,6 +117,7 @@ class Verdict:
     reason: str
     spent: dict[int, int]          # capacity this request would consume, per shard
     expected: dict[int, float]     # capacity random deletions of as many records would consume, per shard
+    records: int = 0               # live records the request would delete
 
     @property
     def units(self) -> int:
@@ -102,31 +126,33 @@ class Verdict:
 
 
 class CapacityGuard:
-    """Judges deletion requests against `GuardPolicy`; keeps recent consumption in memory.
+    """Judges deletion requests against `GuardPolicy`; its windows live in the registry.
 
-    Two windows of `window_s` seconds: per token, what its unreviewed requests consumed of each shard
-    (the ratio check); for the ensemble, every applied request's units, marked reviewed (an admin's) or
-    not (the budgets count only unreviewed ones; all count towards the capacity at the window's start).
-    The random-deletion baseline needs a count of live records per slice (a scan of the records table);
-    it is recomputed at most every `BASELINE_TTL_S` seconds, which is plenty for a rate judged over minutes.
+    Two windows of `window_s` seconds, kept in time buckets of window_s / 60 (an entry leaves the window
+    between window_s and window_s + one bucket after it was made): per token, what its unreviewed
+    requests consumed of each shard and how many records they deleted (the ratio check); for the
+    ensemble, every applied request's units, marked reviewed (an admin's) or not (the budgets count only
+    unreviewed ones; all count towards the capacity at the window's start). Judging a request reads its
+    token's buckets and its hit shards' (indexed), the ensemble's capacity (one row per shard) and the
+    random-deletion baseline, which needs the live counts per cell and every order's first slice: it is
+    refreshed at most every `BASELINE_TTL_S` seconds, plenty for a rate judged over minutes. Nothing per
+    request grows with the number of records.
     """
 
     BASELINE_TTL_S = 5.0
 
-    def __init__(self, policy: GuardPolicy) -> None:
-        self.policy = policy
-        self._recent: dict[str, deque[tuple[float, Verdict]]] = {}
-        self._ensemble: deque[tuple[float, str | None, int, bool]] = deque()   # (time, token, units, reviewed)
-        self._lock = threading.Lock()
+    def __init__(self, policy: GuardPolicy, registry: Registry, *, clock: Callable[[], float] = time.time) -> None:
+        self.policy, self.registry, self.clock = policy, registry, clock
+        self._bucket_ms = max(1, int(policy.window_s * 1000 / BUCKETS_PER_WINDOW))
         self._baseline: tuple[float, dict[int, float]] | None = None
 
     @staticmethod
-    def random_consumption(registry: Registry) -> dict[int, float]:
+    def random_consumption(registry: Registry, conn=None) -> dict[int, float]:
         """Per shard: expected capacity consumed by deleting one uniformly random live record."""
-        counts = registry.live_counts()
+        counts = registry.live_counts(conn)
         total = sum(counts.values())
         critical: dict[int, set[int]] = {}
-        for o in registry.orders():
+        for o in registry.orders(conn):
             critical.setdefault(o["shard"], set())
             if o["depth"] > 0:
                 critical[o["shard"]].add(o["slices"][0])
@@ -135,30 +161,30 @@ class CapacityGuard:
         return {s: sum(counts.get((s, sl), 0) for sl in firsts) / total for s, firsts in critical.items()}
 
     @staticmethod
-    def ensemble_capacity(registry: Registry) -> int:
-        """The ensemble's deletion capacity now: the sum over shards of `deletions_to_drop`."""
-        by_shard: dict[int, list[dict]] = defaultdict(list)
-        for o in registry.orders():
-            by_shard[o["shard"]].append(o)
-        return sum(deletions_to_drop([o["slices"] for o in mine], [o["depth"] for o in mine])
-                   for mine in by_shard.values())
+    def ensemble_capacity(registry: Registry, conn=None) -> int:
+        """The ensemble's deletion capacity now: the sum over shards of `deletions_to_drop` (kept per shard)."""
+        return sum(registry.capacities(conn).values())
 
-    def judge(self, token_id: str, system, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> Verdict:
-        """Would this deletion request flag the token? Records nothing (see `record`)."""
+    def judge(self, token_id: str, system, batch, *, ids: Sequence[str] = (), subjects: Sequence[str] = ()) -> Verdict:
+        """Would this deletion request flag the token? Judged in a group commit's transaction (`batch`), so
+        the requests ahead of it count; records nothing (see `record`)."""
         if self.policy.action == "off":
             return Verdict(False, "", {}, {})
         now = time.monotonic()
         if self._baseline is None or now - self._baseline[0] > self.BASELINE_TTL_S:
-            self._baseline = (now, self.random_consumption(system.registry))
-        return self.judge_preview(token_id, system.preview_delete(ids=ids, subjects=subjects), self._baseline[1],
-                                  capacity=self.ensemble_capacity(system.registry))
+            self._baseline = (now, self.random_consumption(self.registry, batch.conn))
+        preview = system.preview_delete(ids=ids, subjects=subjects, batch=batch)
+        return self.judge_preview(batch.conn, token_id, preview, self._baseline[1],
+                                  capacity=sum(batch.capacities().values()))
 
-    def judge_preview(self, token_id: str, preview: dict, per_record: dict[int, float], *, capacity: int) -> Verdict:
+    def judge_preview(self, conn, token_id: str, preview: dict, per_record: dict[int, float], *,
+                      capacity: int) -> Verdict:
         """`judge` on a `S3T.preview_delete` result, a `random_consumption` baseline and the ensemble's
         capacity now (`ensemble_capacity`). Every check that fails is named in the reason."""
         policy = self.policy
         spent = {s["shard"]: s["capacity_before"] - s["capacity_after"] for s in preview["shards"]}
-        expected = {s: preview["records"] * q for s, q in per_record.items()}
+        records = preview["records"]
+        expected = {s: records * q for s, q in per_record.items()}
         reasons = []
         if policy.protect_last_order:
             dropped = [s["shard"] for s in preview["shards"] if s["depth_before"] > 0 and s["depth_after"] == 0]
@@ -166,60 +192,56 @@ class CapacityGuard:
                 reasons.append(f"the request would take shard {', '.join(map(str, dropped))} out of the ensemble "
                                "(its last live order)")
         units = sum(max(0, v) for v in spent.values())
-        now = time.monotonic()
-        with self._lock:
-            window = self._window(token_id, now)
-            for shard in sorted(spent):
-                total = spent[shard] + sum(v.spent.get(shard, 0) for _, v in window)
-                baseline = expected.get(shard, 0.0) + sum(v.expected.get(shard, 0.0) for _, v in window)
-                if spent[shard] > 0 and total >= policy.min_spent and total >= policy.max_ratio * baseline:
-                    ratio = total / baseline if baseline > 0 else math.inf
+        usage, window_spent = self.registry.guard_window(conn, token_id, [s for s, n in spent.items() if n > 0],
+                                                         since=self._since())
+        # Random deletions of as many records as the token's window deleted: today's per-record baseline.
+        window_records = records + usage.get((token_id, False), (0, 0))[0]
+        for shard in sorted(spent):
+            total = spent[shard] + window_spent.get(shard, 0)
+            baseline = window_records * per_record.get(shard, 0.0)
+            if spent[shard] > 0 and total >= policy.min_spent and total >= policy.max_ratio * baseline:
+                ratio = total / baseline if baseline > 0 else math.inf
+                reasons.append(
+                    f"token {token_id} consumed {total} units of shard {shard}'s deletion capacity in the last "
+                    f"{policy.window_s:g} s, {ratio:.1f}x what random deletions of as many records would "
+                    f"({baseline:.2f}; limit {policy.max_ratio:g}x)")
+                break
+        if units > 0:
+            start = capacity + sum(usage.get((ALL_TOKENS, r), (0, 0))[1] for r in (False, True))   # at window start
+            mine = units + usage.get((token_id, False), (0, 0))[1]
+            everyone = units + usage.get((ALL_TOKENS, False), (0, 0))[1]
+            for who, used, share in ((f"token {token_id}", mine, policy.token_share),
+                                     ("all tokens together", everyone, policy.total_share)):
+                budget = max(float(policy.min_spent), share * start)
+                if used > budget:
                     reasons.append(
-                        f"token {token_id} consumed {total} units of shard {shard}'s deletion capacity in the last "
-                        f"{policy.window_s:g} s, {ratio:.1f}x what random deletions of as many records would "
-                        f"({baseline:.2f}; limit {policy.max_ratio:g}x)")
+                        f"{who} would consume {used} of the ensemble's {start} units of deletion capacity "
+                        f"within {policy.window_s:g} s without review (limit {share:.0%}: {budget:g} units)")
                     break
-            if units > 0:
-                ensemble = self._ensemble_window(now)
-                start = capacity + sum(u for _, _, u, _ in ensemble)   # the capacity when the window began
-                mine = units + sum(u for _, t, u, reviewed in ensemble if t == token_id and not reviewed)
-                everyone = units + sum(u for _, _, u, reviewed in ensemble if not reviewed)
-                for who, used, share in ((f"token {token_id}", mine, policy.token_share),
-                                         ("all tokens together", everyone, policy.total_share)):
-                    budget = max(float(policy.min_spent), share * start)
-                    if used > budget:
-                        reasons.append(
-                            f"{who} would consume {used} of the ensemble's {start} units of deletion capacity "
-                            f"within {policy.window_s:g} s without review (limit {share:.0%}: {budget:g} units)")
-                        break
-        return Verdict(bool(reasons), "; ".join(reasons), spent, expected)
+        return Verdict(bool(reasons), "; ".join(reasons), spent, expected, records)
 
-    def record(self, token_id: str, verdict: Verdict, *, reviewed: bool = False) -> None:
-        """Count an applied request: towards the ensemble's window, and towards its token's unless it is
-        an admin's own (`reviewed`)."""
+    def record(self, conn, token_id: str, verdict: Verdict, *, reviewed: bool = False) -> None:
+        """Count an applied request in the transaction that applies it: towards the ensemble's window, and
+        towards its token's unless it is an admin's own (`reviewed`)."""
         if self.policy.action == "off":
             return
-        now = time.monotonic()
-        with self._lock:
-            if not reviewed:
-                self._window(token_id, now).append((now, verdict))
-            if verdict.units:
-                self._ensemble_window(now).append((now, token_id, verdict.units, reviewed))
+        self.registry.add_guard_usage(conn, token_id=token_id, bucket=self._bucket(), reviewed=reviewed,
+                                      records=verdict.records, units=verdict.units, spent=verdict.spent)
 
-    def record_reviewed(self, units: int) -> None:
+    def record_reviewed(self, conn, units: int) -> None:
         """Count the capacity a held request consumed when an admin applied it (reviewed: no budget)."""
-        now = time.monotonic()
-        with self._lock:
-            if units > 0:
-                self._ensemble_window(now).append((now, None, units, True))
+        if units > 0 and self.policy.action != "off":
+            self.registry.add_guard_usage(conn, token_id="", bucket=self._bucket(), reviewed=True, records=0,
+                                          units=units, spent={})
 
-    def _window(self, token_id: str, now: float) -> deque[tuple[float, Verdict]]:
-        window = self._recent.setdefault(token_id, deque())
-        while window and window[0][0] < now - self.policy.window_s:
-            window.popleft()
-        return window
+    def expire(self, conn) -> int:
+        """Forget buckets that have left the window (housekeeping)."""
+        return self.registry.expire_guard(conn, before=self._since())
 
-    def _ensemble_window(self, now: float) -> deque[tuple[float, str | None, int, bool]]:
-        while self._ensemble and self._ensemble[0][0] < now - self.policy.window_s:
-            self._ensemble.popleft()
-        return self._ensemble
+    def _bucket(self) -> int:
+        now_ms = int(self.clock() * 1000)
+        return now_ms - now_ms % self._bucket_ms
+
+    def _since(self) -> int:
+        """The oldest bucket still in the window: one whose end is less than `window_s` ago."""
+        return int(self.clock() * 1000) - int(self.policy.window_s * 1000) - self._bucket_ms + 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
@@ -26,8 +26,12 @@ class _RunState(Collector):
     def __init__(self, state: Callable[[], dict]) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = self.state()
+        yield CounterMetricFamily("s3t_deletion_batches", "Group commits of deletion requests (transactions)",
+                                  value=state["batches"])
+        yield CounterMetricFamily("s3t_deletion_batched_requests", "Deletion requests and review decisions "
+                                  "applied by those group commits", value=state["batched"])
         status = state["status"]
         depth = GaugeMetricFamily("s3t_served_depth", "Layer groups in use by each shard's served model "
                                   "(0: out of the ensemble)", labels=["shard"])

@@ -1,0 +1,447 @@
+"""Group commit: concurrent deletion requests applied in one transaction, each with its own receipt.
+
+A deletion's cost is mostly its durable commit (SQLite: journal and database fsyncs; PostgreSQL: a WAL
+flush), and writers are serialised anyway (the deletion path's checks assume one writer at a time). So
+requests that arrive while a commit is in flight wait in a queue, and one writer thread applies all of
+them in the next transaction:
+
+    queue = DeletionQueue(registry, ledger_key, erase_derived=..., after_commit=...)
+    receipt = queue.submit(lambda batch: batch.delete(ids=["r1"])).result()
+
+Each request is a unit of work run against the batch's `Batch` inside a savepoint, in arrival order, so
+every request sees what the ones before it did (a record deleted earlier in the batch is "already
+deleted"; the service's guard and quotas count the requests ahead of it), and a request that fails
+(an idempotency conflict, a lineage check, a quota) rolls back alone while the others go on. Each gets
+its own idempotency key, usage count and signed ledger entry, chained in request order (a request rolled
+back leaves no entry and no gap in the chain), exactly as if it had committed alone.
+
+Acknowledged still means durably applied: after the one commit, the batch destroys the keys of every
+record it deleted (crypto-shredding, one fsync for the batch), shreds the stages it retired
+(`after_commit`), and only then resolves the requests' futures. Derived copies (cached hidden states)
+are shredded before the commit under the cache lock, held until the commit is done (`erase_derived`).
+If the commit itself fails, every request of the batch is retried in a transaction of its own, so a
+failure that one request causes fails that request alone.
+
+The queue never waits for company: the writer takes whatever is queued when it becomes free (at most
+`max_batch` requests), so a lone request is applied at once and batches grow with the load.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from . import ledger
+from .registry import Registry
+from .unlearning import Receipt, apply
+
+__all__ = ["Batch", "DeletionQueue"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_BATCH = 256   # requests per transaction: bounds a batch's latency and its transaction's size
+
+
+class Batch:
+    """One write transaction shared by a group of deletion requests (see the module docstring).
+
+    `conn` is the open transaction; `delete` applies one request in it (`unlearning.apply`). The batch is
+    also the deletion path's view of the registry inside that transaction: what it reads (records, the
+    served set, orders, capacities, idempotency keys) is read once and kept in step with its own writes,
+    since nothing else writes while the transaction holds the write lock; the writes every request makes
+    (erasing its records, its idempotency key, its usage count) are staged and written in one statement
+    each by `flush`, before the commit. Its ledger entry goes to the database at once, in its savepoint
+    (`ledger.append` links it to the chain's head, so entries are chained in request order), and so do
+    rarer writes (a depth, a served set, retired stages). A request that fails is rewound: its staged
+    writes are dropped, its immediate ones (its ledger entry included) rolled back to its savepoint, and
+    the cached reads re-read.
+    """
+
+    def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
+        self.registry, self.conn, self._key, self.signing_key = registry, conn, key, signing_key
+        self.erased: list[str] = []       # records whose derived copies are shredded before the commit
+        self.key_slots: list[int] = []    # keys destroyed after the commit
+        self.receipts: list[Receipt] = []
+        self._erase: list[tuple[dict, str]] = []     # staged: (record row, request id)
+        self._keys: list[dict] = []                  # staged idempotency keys
+        self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
+        self._hints: tuple[list, list, list] = ([], [], [])
+        self._forget()
+
+    def prefetch(self, *, ids: Sequence[str] = (), keys: Sequence[str] = (), tokens: Sequence[str] = ()) -> None:
+        """Read at once what the batch's requests will look up one by one (their records and those records'
+        lineage, their idempotency keys, their tokens): a few queries per batch instead of per request."""
+        self._hints = (list(ids), list(keys), list(tokens))
+        reg, conn = self.registry, self.conn
+        if ids := [i for i in dict.fromkeys(ids) if i not in self._records]:
+            self.find_records(ids=ids)
+            self._lineage.update(reg.saw(conn, [i for i in ids if self._records.get(i) is not None]))
+        if keys := [k for k in dict.fromkeys(keys) if k not in self._idempotent]:
+            self._idempotent.update(reg.idempotent_many(conn, keys))
+            self._flag_keys.update(reg.flagged_keys(conn, keys))
+            self._keys_checked.update(keys)
+        if tokens := [t for t in dict.fromkeys(tokens) if t not in self._revoked]:
+            self._revoked.update(reg.revoked_tokens(conn, tokens))
+
+    def delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), reference: str | None = None,
+               idempotency_key: str | None = None, requested_by: str | None = None) -> Receipt:
+        """Apply one deletion request in the batch's transaction (`unlearning.apply`)."""
+        applied = apply(self, ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
+                        requested_by=requested_by)
+        self.erased.extend(applied.erased)
+        self.key_slots.extend(applied.key_slots)
+        if not applied.replayed:
+            self.receipts.append(applied.receipt)
+        return applied.receipt
+
+    def destroy_after_commit(self, slots: Sequence[int]) -> None:
+        self.key_slots.extend(slots)
+
+    @property
+    def key(self) -> bytes:
+        """The run's ledger key (subject digests, request fingerprints)."""
+        return self._key
+
+    # -- reads, kept in step with the batch's own writes ---------------------------------------------
+    def find_records(self, *, ids: Sequence[str] = (), subject_digests: Sequence[str] = ()) -> list[dict]:
+        """`Registry.find_records`, with the records this batch erased marked deleted. The rows are the
+        batch's own: `erase` keeps them current (copy what must not change)."""
+        found: dict[str, dict] = {}
+        missing = [i for i in dict.fromkeys(ids) if i not in self._records]
+        if missing or subject_digests:
+            for row in self.registry.find_records(self.conn, ids=missing, subject_digests=subject_digests):
+                row["deleted_in"] = self._erased_by.get(row["id"], row["deleted_in"])
+                if self._records.get(row["id"]) is None:
+                    self._records[row["id"]] = row
+                found[row["id"]] = self._records[row["id"]]
+        for rid in missing:
+            self._records.setdefault(rid, None)   # unknown ids are remembered too
+        for rid in ids:
+            if self._records.get(rid) is not None:
+                found.setdefault(rid, self._records[rid])
+        return list(found.values())
+
+    def saw(self, record_ids: Sequence[str]) -> dict[str, bool]:
+        """{artifact: still registered} for every artifact whose recorded lineage holds one of these ids
+        (`Registry.saw`; retirements made in this batch count)."""
+        if missing := [i for i in record_ids if i not in self._lineage]:
+            self._lineage.update(self.registry.saw(self.conn, missing))
+        out: dict[str, bool] = {}
+        for rid in record_ids:
+            for artifact, registered in self._lineage[rid].items():
+                out[artifact] = registered and artifact not in self._retired
+        return out
+
+    def retire(self, lineages: Sequence[str]) -> None:
+        self.registry.retire(self.conn, lineages)
+        self._retired.update(lineages)
+
+    def has_flag(self, key: str) -> bool:
+        """Whether a held request was made under this idempotency key (then read it with `review`)."""
+        if key not in self._keys_checked:
+            self._flag_keys.update(self.registry.flagged_keys(self.conn, [key]))
+            self._keys_checked.add(key)
+        return key in self._flag_keys
+
+    def expire_key(self, key: str, *, before: str) -> None:
+        """`Registry.expire_idempotent` for one key, in the batch: what the batch read about the key is
+        forgotten (re-read on demand), so the request that expired it is a new request, as it would be
+        in a transaction of its own."""
+        self.registry.expire_idempotent(self.conn, before=before, key=key)
+        self._idempotent.pop(key, None)
+        self._flag_keys.discard(key)
+        self._keys_checked.discard(key)
+
+    def note_flag(self, key: str) -> None:
+        """A request in this batch was held under this idempotency key: a later one with the same key in the
+        same batch must find that hold (as it would in a transaction of its own)."""
+        self._flag_keys.add(key)
+        self._keys_checked.add(key)
+
+    def served(self) -> tuple[int, list[dict]]:
+        if self._served is None:
+            self._served = self.registry.served(self.conn)
+        return self._served
+
+    def add_served(self, components: list[dict], *, version: int) -> None:
+        self.registry.add_served(self.conn, components, version=version)
+        self._served = (version, components)
+
+    def orders(self, shards) -> list[dict]:
+        """The orders of these shards (the batch's own dicts: `set_depth` keeps them current)."""
+        wanted = sorted(set(shards))
+        if missing := [s for s in wanted if s not in self._orders]:
+            for s in missing:
+                self._orders[s] = []
+            for o in self.registry.orders(self.conn, shards=missing):
+                self._orders[o["shard"]].append(o)
+        return [o for s in wanted for o in self._orders[s]]
+
+    def set_depth(self, order: dict, depth: int) -> None:
+        self.registry.set_depth(self.conn, order["shard"], order["position"], depth)
+        order["depth"] = depth
+
+    def capacities(self) -> dict[int, int]:
+        if self._capacity is None:
+            self._capacity = self.registry.capacities(self.conn)
+        return self._capacity
+
+    def set_capacity(self, shard: int, capacity: int) -> None:
+        if self.capacities().get(shard) != capacity:
+            self.registry.set_capacity(self.conn, shard, capacity)
+            self._capacity[shard] = capacity
+
+    def idempotent(self, key: str) -> dict | None:
+        """{fingerprint, request_id, created_at} stored under an idempotency key (in this batch or before)."""
+        if key not in self._idempotent:
+            self._idempotent[key] = self.registry.idempotent(self.conn, key)
+        return self._idempotent[key]
+
+    def receipt(self, request_id: str) -> dict | None:
+        """A stored receipt (this batch's ledger entries included: they are written at once)."""
+        return self.registry.receipt_in(self.conn, request_id)
+
+    def seen(self, record_ids: Sequence[str]) -> set[str]:
+        """The ids among these that some registered artifact saw (`Registry.seen`; stages retired in this
+        batch no longer count, as they would not in a transaction of its own)."""
+        return {rid for rid, registered in ((rid, self.saw([rid])) for rid in record_ids)
+                if any(registered.values())}
+
+    def usage(self, requester: str, day: str) -> int:
+        """A requester's usage of `day`, with this batch's requests counted."""
+        if (requester, day) not in self._usage_base:
+            self._usage_base[requester, day] = self.registry.usage(requester, day, self.conn)
+        return self._usage_base[requester, day] + sum(n for r, d, n in self._usage if (r, d) == (requester, day))
+
+    def revoked(self, token_id: str) -> bool:
+        """Whether a service token is revoked (read once per batch)."""
+        if token_id not in self._revoked:
+            self._revoked[token_id] = self.registry.token_revoked(self.conn, token_id)
+        return self._revoked[token_id]
+
+    # -- staged writes ----------------------------------------------------------------------------------
+    def erase(self, rows: Sequence[dict], request_id: str) -> None:
+        """Stage the erasure of records (`Registry.erase_many`): the content goes, the id stays as a tombstone."""
+        for row in rows:
+            self._erase.append((dict(row), request_id))
+            self._erased_by[row["id"]] = request_id
+            if (cached := self._records.get(row["id"])) is not None:
+                cached["deleted_in"] = request_id
+
+    def add_ledger_entry(self, receipt: dict) -> dict:
+        """Append the request's signed entry to the ledger's hash chain (`ledger.append`), now and in order:
+        in the request's savepoint, so a request rolled back leaves no entry, and the next one links to
+        the entry before it (no gap)."""
+        return ledger.append(self.registry, self.conn, receipt, signing_key=self.signing_key)
+
+    def add_idempotent(self, key: str, fingerprint: str, request_id: str, created_at: str) -> None:
+        row = {"key": key, "fingerprint": fingerprint, "request_id": request_id, "created_at": created_at}
+        self._keys.append(row)
+        self._idempotent[key] = row
+
+    def add_usage(self, requester: str, day: str, items: int) -> None:
+        self._usage.append((requester, day, items))
+
+    def flush(self) -> None:
+        """Write the staged writes, one statement per kind (before the commit)."""
+        reg, conn = self.registry, self.conn
+        reg.erase_many(conn, self._erase)
+        reg.add_idempotent_many(conn, self._keys)
+        totals: dict[tuple[str, str], int] = {}
+        for requester, day, items in self._usage:
+            totals[requester, day] = totals.get((requester, day), 0) + items
+        for (requester, day), items in sorted(totals.items()):
+            reg.add_usage(conn, requester, day, items)
+
+    # -- savepoints ----------------------------------------------------------------------------------
+    def _mark(self) -> tuple[int, ...]:
+        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._erase), len(self._keys),
+                len(self._usage))
+
+    def _rewind(self, mark: tuple[int, ...]) -> None:
+        """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
+        for items, n in zip((self.erased, self.key_slots, self.receipts, self._erase, self._keys, self._usage),
+                            mark):
+            del items[n:]
+        self._forget()
+        ids, keys, tokens = self._hints
+        self.prefetch(ids=ids, keys=keys, tokens=tokens)
+
+    def _forget(self) -> None:
+        """Drop the cached reads (re-read on demand, with the staged writes laid over them)."""
+        self._erased_by = {row["id"]: request_id for row, request_id in self._erase}
+        self._records: dict[str, dict | None] = {}
+        self._served: tuple[int, list[dict]] | None = None
+        self._orders: dict[int, list[dict]] = {}
+        self._capacity: dict[int, int] | None = None
+        self._idempotent: dict[str, dict | None] = {row["key"]: row for row in self._keys}
+        self._usage_base: dict[tuple[str, str], int] = {}
+        self._revoked: dict[str, bool] = {}
+        self._lineage: dict[str, dict[str, bool]] = {}   # record id -> {artifact: registered}
+        self._retired: set[str] = set()                  # retired in this batch
+        self._flag_keys: set[str] = set()
+        self._keys_checked: set[str] = set()
+
+
+@dataclass
+class _Request:
+    work: Callable[[Batch], Any]
+    hints: tuple[Sequence[str], Sequence[str], Sequence[str]] = ((), (), ())   # ids, idempotency keys, tokens
+    future: Future = field(default_factory=Future)
+    outcome: tuple[bool, Any] | None = None   # (ok, result or exception) once run in a transaction
+
+
+class DeletionQueue:
+    """Deletion requests from any number of threads, applied by one writer thread in group commits.
+
+    `erase_derived(ids)`: a context manager entered before the commit (shreds the records' derived copies,
+    keeps them from being rewritten until it exits, after the commit). `after_commit(receipts)`: runs
+    after the commit and the key destruction, before any request of the batch is answered (shreds the
+    retired stages; its failures are logged, never reported as a failed deletion).
+    """
+
+    def __init__(self, registry: Registry, key: bytes, *,
+                 erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
+                 after_commit: Callable[[list[Receipt]], None] = lambda receipts: None,
+                 max_batch: int = MAX_BATCH, signing_key=None) -> None:
+        self.registry, self._key, self.signing_key = registry, key, signing_key
+        self.erase_derived, self.after_commit, self.max_batch = erase_derived, after_commit, max_batch
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = 0     # transactions committed (for metrics and tests)
+        self.applied = 0     # requests they applied
+
+    def submit(self, work: Callable[[Batch], T], *, ids: Sequence[str] = (), keys: Sequence[str] = (),
+               tokens: Sequence[str] = ()) -> "Future[T]":
+        """Queue `work(batch)` for the next group commit; its future resolves once that has committed and
+        its keys are destroyed (or with the exception that rolled the request back). `ids`, `keys` and
+        `tokens` (record ids, idempotency keys, service tokens the work will look up) are read for the
+        whole batch at once (`Batch.prefetch`); they are hints, never required."""
+        request = _Request(work, (ids, keys, tokens))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this deletion queue is closed (its S3T was closed)")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="s3t-deletions", daemon=True)
+                self._thread.start()
+            self._queue.put(request)
+        return request.future
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Apply what is queued, then stop the writer thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- the writer thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:   # whatever else is waiting: no timer, no lingering
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if request is None:
+                    stop = True
+                    break
+                batch.append(request)
+            try:
+                self._commit(batch)
+            except BaseException as exc:   # the writer must survive anything: answer the batch and go on
+                log.exception("a deletion batch failed outside its transaction")
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+            if stop:
+                return
+
+    def _commit(self, requests: list[_Request]) -> None:
+        try:
+            receipts, slots = self._transaction(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                requests[0].future.set_exception(exc)
+                return
+            # The commit failed (not one request's work: those roll back alone). Retry each request in a
+            # transaction of its own, so a failure that one of them causes fails that one alone.
+            log.warning("a group commit of %d deletion requests failed (%s); applying them one by one",
+                        len(requests), exc)
+            for r in requests:
+                self._commit([r])
+            return
+        self._finish(receipts, slots)
+        for r in requests:
+            ok, value = r.outcome
+            r.future.set_result(value) if ok else r.future.set_exception(value)
+
+    def _transaction(self, requests: list[_Request]) -> tuple[list[Receipt], list[int]]:
+        """Run every request's work in one transaction, each in a savepoint; commit."""
+        until_committed = ExitStack()
+        try:
+            with self.registry.transaction() as conn:
+                batch = self._run_requests(conn, requests, until_committed)
+        except BaseException:
+            until_committed.close()   # rolled back: the derived copies may be rewritten again
+            raise
+        try:   # committed: from here on nothing may report the batch as failed, nor retry it
+            until_committed.close()
+        except Exception:
+            log.exception("releasing the cache lock after a group commit failed")
+        self.batches += 1
+        self.applied += sum(ok for ok, _ in (r.outcome for r in requests))
+        return batch.receipts, batch.key_slots
+
+    def _run_requests(self, conn, requests: list[_Request], until_committed: ExitStack) -> Batch:
+        """Each request's work in its own savepoint, then the staged writes; holds the cache lock (entered
+        on `until_committed`) from the shredding of derived copies until after the commit."""
+        batch = Batch(self.registry, conn, self._key, signing_key=self.signing_key)
+        batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
+                       keys=[k for r in requests for k in r.hints[1]],
+                       tokens=[t for r in requests for t in r.hints[2]])
+        for r in requests:
+            mark = batch._mark()
+            # A savepoint per request, in SQL (SQLAlchemy's begin_nested compiles one per call: a hot path).
+            conn.exec_driver_sql("SAVEPOINT s3t_request")
+            try:
+                r.outcome = (True, r.work(batch))
+            except Exception as exc:   # rolled back to its savepoint: the others go on
+                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT s3t_request")
+                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
+                batch._rewind(mark)
+                r.outcome = (False, exc)
+            else:
+                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
+        batch.flush()
+        # Shred derived copies before the commit, and hold them off until it is done (module docstring).
+        if batch.erased:
+            until_committed.enter_context(self.erase_derived(list(dict.fromkeys(batch.erased))))
+        return batch
+
+    def _finish(self, receipts: list[Receipt], slots: list[int]) -> None:
+        """After the commit, before any answer: destroy the keys, then shred the retired stages."""
+        self.registry.keys.destroy(slots)   # if this raises, nobody is told "deleted" (open finishes it)
+        if any(r.retired_artifacts for r in receipts):
+            try:
+                self.after_commit(receipts)
+            except Exception as exc:   # applied: a failed shred must not report the deletion as failed
+                log.warning("retired stages stay queued for shredding (the next open, sweep or restore "
+                            "retries): %s", exc)

@@ -1,0 +1,217 @@
+"""Group commit (s3t.batch): concurrent deletion requests in one transaction, each with its own receipt,
+ledger entry and idempotency key; a failing request fails alone; keys are destroyed before any answer.
+
+The writer is held busy by a first request that waits on an event, so the requests sent meanwhile are
+queued and must all go into the next transaction: the tests count transactions, not time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+from sqlalchemy import func, insert, select
+
+import s3t
+from s3t.registry import idempotency, ledger, lineage
+
+pytestmark = pytest.mark.both_databases
+
+
+def cells(system) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for shard in range(system.plan.num_shards):
+        for sl, ids in system.registry.live_members(shard).items():
+            out[shard, sl] = list(ids)
+    return out
+
+
+class Held:
+    """Keeps the deletion queue's writer inside a first request until `release()`: what is submitted
+    meanwhile waits in the queue and goes into one later transaction."""
+
+    def __init__(self, system) -> None:
+        self.system, self.entered, self.go = system, threading.Event(), threading.Event()
+        self.batches = system.deletions.batches + 1   # once the held request's own transaction has committed
+
+        def wait(batch):
+            self.entered.set()
+            assert self.go.wait(60), "the test never released the writer"
+            return "held"
+
+        self.future = system.deletions.submit(wait)
+        assert self.entered.wait(60)
+
+    def release(self) -> None:
+        self.go.set()
+        assert self.future.result(60) == "held"
+
+
+def submit(system, **request) -> Future:
+    return system.deletions.submit(lambda batch: batch.delete(**request))
+
+
+def test_queued_requests_share_one_transaction_with_a_receipt_each(trained, tiny_data):
+    by_cell = cells(trained)
+    victims = [by_cell[0, 0][0], by_cell[0, 0][1], by_cell[1, 1][0], by_cell[0, 0][0]]   # the last one repeats
+    held = Held(trained)
+    futures = [submit(trained, ids=[v], idempotency_key=f"k{i}", requested_by="tok") for i, v in enumerate(victims)]
+    futures.append(submit(trained, ids=[victims[1]], idempotency_key="k1"))   # a retry of k1 in the same batch
+    assert not any(f.done() for f in futures)
+    held.release()
+    receipts = [f.result(60) for f in futures]
+    assert trained.deletions.batches == held.batches + 1, "the queued requests went into one transaction"
+
+    first, second, third, repeat, retry = receipts
+    assert (first.deleted, second.deleted, third.deleted) == ((victims[0],), (victims[1],), (victims[2],))
+    assert repeat.deleted == () and repeat.already_deleted == (victims[0],), "sees the request before it"
+    assert retry == second, "a key seen earlier in the same batch replays its receipt"
+    assert len({r.request_id for r in receipts[:4]}) == 4
+    assert [r.created_at for r in receipts[:4]] == sorted(r.created_at for r in receipts[:4])
+    versions = [r.served_version for r in receipts[:4]]
+    assert versions == sorted(versions) and versions[0] > 0
+    assert {r.request_id for r in trained.receipts()} == {r.request_id for r in receipts[:4]}
+    with trained.registry.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(idempotency)).scalar() == 4
+        assert conn.execute(select(func.count()).select_from(ledger)).scalar() == 4
+    assert trained.registry.usage("tok", receipts[0].created_at[:10]) == 4, "each request counts its own items"
+    # Acknowledged means done: every deleted record's key was destroyed before the futures resolved.
+    slots = trained.registry.key_slots(list(victims[:3]))
+    assert set(trained.registry.keys.keys(slots.values()).values()) == {None}
+
+
+def test_batched_deletions_serve_exactly_what_one_by_one_deletions_serve(trained, trained_dir, tmp_path):
+    from conftest import copy_run
+
+    alone = s3t.S3T.open(copy_run(trained_dir, tmp_path / "alone"))
+    try:
+        by_cell = cells(trained)
+        victims = [by_cell[0, 1][0], by_cell[1, 0][0], by_cell[1, 0][1], by_cell[0, 1][1]]
+        held = Held(trained)
+        futures = [submit(trained, ids=[v]) for v in victims]
+        held.release()
+        batched = [f.result(60) for f in futures]
+        sequential = [alone.delete(ids=[v]) for v in victims]
+        keep = ("deleted", "already_deleted", "shards", "served_version", "served_artifacts", "retired_artifacts")
+        assert [{k: getattr(r, k) for k in keep} for r in batched] == \
+               [{k: getattr(r, k) for k in keep} for r in sequential]
+        assert trained.served() == alone.served()
+        assert trained.status() == alone.status()
+    finally:
+        alone.close()
+
+
+def test_a_request_that_fails_in_the_batch_fails_alone(trained, tiny_data):
+    by_cell = cells(trained)
+    good, forged, later, conflicted = by_cell[1, 0][0], by_cell[1, 0][1], by_cell[1, 1][0], by_cell[1, 1][1]
+    trained.delete(ids=[conflicted], idempotency_key="used")
+    # Forge the lineage: a served artifact of shard 0 (which no request here touches) "saw" `forged`, a
+    # shard-1 record: its request's lineage check must fail.
+    _, components = trained.served()
+    other = next(c for c in components if c["shard"] == 0)
+    with trained.registry.transaction() as conn:
+        conn.execute(insert(lineage).values(artifact=other["artifacts"][0], record_id=forged))
+    held = Held(trained)
+    futures = [submit(trained, ids=[good]), submit(trained, ids=[good, "x"], idempotency_key="used"),
+               submit(trained, ids=[forged]), submit(trained, ids=[later])]
+    held.release()
+    assert futures[0].result(60).deleted == (good,)
+    with pytest.raises(s3t.ConflictError, match="'used' was used for a different request"):
+        futures[1].result(60)
+    with pytest.raises(s3t.IntegrityError, match="saw deleted ids"):
+        futures[2].result(60)
+    assert futures[3].result(60).deleted == (later,)
+    assert trained.deletions.batches == held.batches + 1
+    located = trained.registry.locate([good, forged, later])
+    assert (located[good][2], located[forged][2], located[later][2]) == (True, False, True)
+    # The rolled-back request's record keeps its content and its key.
+    slot = trained.registry.key_slots([forged])[forged]
+    assert trained.registry.keys.keys([slot])[slot] is not None
+    shard, _ = trained.locate([forged])[forged]
+    assert forged in trained.registry.live_shard(shard)[1]
+
+
+def test_a_failed_commit_is_retried_request_by_request(trained, tiny_data, monkeypatch):
+    """The batch fails as a whole for one request's sake (here: its cached state cannot be shredded); the
+    queue applies each request alone, so only that one fails."""
+    import s3t.cache
+
+    by_cell = cells(trained)
+    cursed, fine = by_cell[0, 0][0], [by_cell[0, 1][0], by_cell[1, 1][0]]
+    erase = s3t.cache.erase_records
+
+    def refuse(run_dir, record_ids):
+        if cursed in record_ids:
+            raise OSError(5, "Input/output error")
+        erase(run_dir, record_ids)
+
+    monkeypatch.setattr(s3t.cache, "erase_records", refuse)
+    held = Held(trained)
+    futures = [submit(trained, ids=[fine[0]]), submit(trained, ids=[cursed]), submit(trained, ids=[fine[1]])]
+    held.release()
+    assert futures[0].result(60).deleted == (fine[0],) and futures[2].result(60).deleted == (fine[1],)
+    with pytest.raises(OSError):
+        futures[1].result(60)
+    located = trained.registry.locate([cursed, *fine])
+    assert not located[cursed][2] and all(located[i][2] for i in fine)
+    assert len(trained.receipts()) == 2
+
+
+def test_concurrent_library_callers_batch_and_each_get_their_receipt(trained, tiny_data):
+    """`S3T.delete` from many threads: every call returns its own receipt; the ledger has one each."""
+    ids = [r.id for r in tiny_data][:24]
+    held = Held(trained)
+    results: dict[str, s3t.Receipt] = {}
+
+    def call(rid: str) -> None:
+        results[rid] = trained.delete(ids=[rid])
+
+    threads = [threading.Thread(target=call, args=(rid,)) for rid in ids]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while trained.deletions._queue.qsize() < len(ids):   # every call is queued behind the held writer
+        assert time.monotonic() < deadline, "the callers did not queue"
+        time.sleep(0.01)
+    held.release()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == sorted(ids) and all(results[i].deleted == (i,) for i in ids)
+    assert trained.deletions.batches == held.batches + 1
+    assert len(trained.receipts()) == len(ids)
+
+
+def test_a_batch_appends_one_signed_entry_per_request_in_order_and_a_rolled_back_one_leaves_no_gap(trained):
+    """The ledger's hash chain through a group commit: each applied request its own signed entry, in
+    request order; the request rolled back to its savepoint (a failed lineage check) leaves no entry and
+    no gap; the chain verifies against the run's public key."""
+    from s3t import ledger
+
+    by_cell = cells(trained)
+    good, forged, later = by_cell[1, 0][0], by_cell[1, 0][1], by_cell[1, 1][0]
+    _, components = trained.served()
+    other = next(c for c in components if c["shard"] == 0)   # shard 0: untouched, stays served
+    with trained.registry.transaction() as conn:
+        conn.execute(insert(lineage).values(artifact=other["artifacts"][0], record_id=forged))
+    before = trained.registry.ledger_entries()
+    held = Held(trained)
+    futures = [submit(trained, ids=[good]), submit(trained, ids=[forged]), submit(trained, ids=[later])]
+    held.release()
+    first, last = futures[0].result(60), futures[2].result(60)
+    with pytest.raises(s3t.IntegrityError):
+        futures[1].result(60)
+    assert trained.deletions.batches == held.batches + 1
+    rows = trained.registry.ledger_entries()
+    new = rows[len(before):]
+    assert [r["request_id"] for r in new] == [first.request_id, last.request_id]
+    assert [r["seq"] for r in new] == [len(before) + 1, len(before) + 2], "no gap where the failed one was"
+    assert new[1]["prev_hash"] == new[0]["entry_hash"]
+    assert all(r["signature"] and r["kind"] == "deletion" for r in new)
+    assert [r["receipt"]["deleted"] for r in new] == [[good], [later]]
+    with trained.registry.engine.connect() as conn:
+        head = trained.registry.ledger_recorded_head(conn)
+    public = ledger.load_public_key(trained.public_key())
+    assert ledger.verify_chain(rows, public, head=head) == []
+    assert head == (new[-1]["seq"], new[-1]["entry_hash"])
