@@ -184,6 +184,49 @@ def worker_children(run_dir: Path) -> list[int]:
     return pids
 
 
+def wait_for(predicate, *, timeout: float, what: str = "condition", every: float = 0.05):
+    """Poll `predicate` until it returns something truthy and return that (a condition, never a fixed sleep:
+    `timeout` is a ceiling far above the idle figure, so a loaded machine answers late, not wrong)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """Live record ids of the run grouped by (shard, slice)."""
+    import s3t
+
+    system = s3t.S3T.open(run_dir)
+    try:
+        return {(shard, sl): list(ids) for shard in range(system.plan.num_shards)
+                for sl, ids in system.registry.live_members(shard).items()}
+    finally:
+        system.close()
+
+
+def served_lineage_ids(run_dir: Path, version: int) -> set[str]:
+    """Every record id in the lineage of served-set `version`'s artifacts."""
+    import json
+
+    from sqlalchemy import select
+
+    import s3t
+    from s3t.registry import lineage, served_sets
+
+    system = s3t.S3T.open(run_dir)
+    try:
+        with system.registry.engine.connect() as conn:
+            components = json.loads(conn.execute(select(served_sets.c.components)
+                                                 .where(served_sets.c.version == version)).scalar_one())
+            artifacts = [a for c in components for a in c["artifacts"]]
+            return set(conn.execute(select(lineage.c.record_id).where(lineage.c.artifact.in_(artifacts))).scalars())
+    finally:
+        system.close()
+
+
 # -- fault injection ------------------------------------------------------------------------------------
 @dataclass
 class FaultFigures:

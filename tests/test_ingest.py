@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from s3t import datasets
 from s3t.cli import app
 from s3t.ingest import assign_cells
 from s3t.registry import lineage
-from servicekit import Server, make_token
+from servicekit import Server, make_token, wait_for
 from test_exactness import assert_same_model, served_tensors
 
 TEXTS = ["shares rose at the bank", "the team won the match", "a new phone chip", "nothing in particular"]
@@ -45,14 +44,6 @@ def new_records(n: int, *, seed: int = 9, prefix: str = "new", subject: str | No
                                    subject=subject if subject and k == n - 1 else None) for k, r in enumerate(base)])
 
 
-def wait_for(predicate, *, timeout: float, what: str):
-    """Poll `predicate` until it returns something truthy (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_added_records_go_to_their_cells_without_training_or_changing_the_served_model(trained, tiny_data,

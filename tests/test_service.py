@@ -20,51 +20,17 @@ from typer.testing import CliRunner
 import s3t
 from conftest import copy_run
 from s3t.cli import app
-from servicekit import Server, make_token, worker_children
+from servicekit import Server, by_cell, make_token, served_lineage_ids, wait_for, worker_children
 
 # Tests marked `both_databases` also run against a PostgreSQL registry: those whose path differs there (auth
 # and its token cache, deletions and replays, the served-set switch, shared rate limits, quotas, restoration
 # under the advisory training lock); the rest (validation, routing, docs) is the same code on either.
 
 
-def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """Live record ids of the run grouped by (shard, slice)."""
-    system = s3t.S3T.open(run_dir)
-    try:
-        cells: dict[tuple[int, int], list[str]] = {}
-        for shard in range(system.plan.num_shards):
-            for sl, ids in system.registry.live_members(shard).items():
-                cells[shard, sl] = list(ids)
-        return cells
-    finally:
-        system.close()
 
 
-def served_lineage_ids(run_dir: Path, version: int) -> set[str]:
-    """Every record id in the lineage of served-set `version`'s artifacts."""
-    from sqlalchemy import select
-
-    from s3t.registry import lineage, served_sets
-
-    system = s3t.S3T.open(run_dir)
-    try:
-        with system.registry.engine.connect() as conn:
-            components = json.loads(conn.execute(select(served_sets.c.components)
-                                                 .where(served_sets.c.version == version)).scalar_one())
-            artifacts = [a for c in components for a in c["artifacts"]]
-            return set(conn.execute(select(lineage.c.record_id).where(lineage.c.artifact.in_(artifacts))).scalars())
-    finally:
-        system.close()
 
 
-def wait_for(predicate, *, timeout: float, every: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,26 +22,11 @@ import pytest
 import s3t
 from s3t.service.settings import GuardPolicy, ServiceSettings
 from conftest import copy_run
-from servicekit import InProcessServer, Server, make_token
+from servicekit import InProcessServer, Server, by_cell, make_token, wait_for
 
 
-def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """Live record ids of the run grouped by (shard, slice)."""
-    system = s3t.S3T.open(run_dir)
-    try:
-        return {(shard, sl): list(ids) for shard in range(system.plan.num_shards)
-                for sl, ids in system.registry.live_members(shard).items()}
-    finally:
-        system.close()
 
 
-def wait_for(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # -- item 8: the ensemble ---------------------------------------------------------------------------------

@@ -10,53 +10,23 @@ folder (issue 11, item 4). PostgreSQL only: a SQLite run is served by one proces
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 
 import s3t
 from conftest import copy_run
-from servicekit import Server, make_token
+from servicekit import Server, by_cell, make_token, served_lineage_ids, wait_for
 
 pytestmark = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 
 TEXTS = ["shares rose at the bank", "the team won the match", "a new phone was launched"]
 
 
-def by_cell(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    system = s3t.S3T.open(run_dir)
-    try:
-        return {(shard, sl): list(ids) for shard in range(system.plan.num_shards)
-                for sl, ids in system.registry.live_members(shard).items()}
-    finally:
-        system.close()
 
 
-def lineage_ids(run_dir: Path, version: int) -> set[str]:
-    from sqlalchemy import select
-
-    from s3t.registry import lineage, served_sets
-
-    system = s3t.S3T.open(run_dir)
-    try:
-        with system.registry.engine.connect() as conn:
-            components = json.loads(conn.execute(select(served_sets.c.components)
-                                                 .where(served_sets.c.version == version)).scalar_one())
-            artifacts = [a for c in components for a in c["artifacts"]]
-            return set(conn.execute(select(lineage.c.record_id).where(lineage.c.artifact.in_(artifacts))).scalars())
-    finally:
-        system.close()
 
 
-def wait_for(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_a_deletion_through_one_replica_is_honoured_by_the_others_next_prediction(trained_dir, tmp_path):
@@ -65,12 +35,12 @@ def test_a_deletion_through_one_replica_is_honoured_by_the_others_next_predictio
     token = make_token(run_dir, "predict", "delete", name="both", rate=1e6)
     with Server(run_dir, "--guard", "off", "--no-worker") as a, Server(run_dir, "--guard", "off", "--no-worker") as b:
         before = b.client(token).post("/v1/predict", json={"texts": TEXTS}).json()
-        assert victim in lineage_ids(run_dir, before["served_version"])
+        assert victim in served_lineage_ids(run_dir, before["served_version"])
         receipt = a.client(token).post("/v1/deletions", json={"ids": [victim]}).json()
         assert receipt["deleted"] == [victim]
         after = b.client(token).post("/v1/predict", json={"texts": TEXTS}).json()   # the other replica, next request
         assert after["served_version"] == receipt["served_version"] > before["served_version"]
-        assert victim not in lineage_ids(run_dir, after["served_version"])
+        assert victim not in served_lineage_ids(run_dir, after["served_version"])
         assert after["predictions"] != before["predictions"], "the served model changed"
         same = a.client(token).post("/v1/predict", json={"texts": TEXTS}).json()
         assert same == after, "both replicas serve the same model, bit for bit"
