@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from s3t.training import StageResult, Trainer
 
-TRAINER_FIELDS = ("model", "kind", "registry", "store", "training", "base_digest", "environment", "labels", "epochs",
-                  "learning_rate", "batch_size")
+TRAINER_FIELDS = tuple(f.name for f in fields(Trainer) if f.init and not f.name.startswith("_") and f.name != "cache")
 
 
 class NoCache:
@@ -20,7 +21,7 @@ class NoCache:
 class RandomWeightsTrainer(Trainer):
     """Registers every stage (real lineage, files and rows) with small random weights instead of training."""
 
-    def train_stage(self, *, stage, lineage, parents, ids, targets):
+    def train_stage(self, *, stage, lineage, parents, ids, targets, seed=None):
         gen = torch.Generator().manual_seed(int(lineage[:8], 16))
         group = self.model.groups_at(stage)
         shapes = {**self.model.group_state(group), **self.model.head_state()}

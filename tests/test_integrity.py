@@ -33,3 +33,23 @@ def test_altered_artifact_is_refused(trained, tiny_data):
     with pytest.raises(s3t.IntegrityError, match="does not match its recorded hash"):
         fresh.predict(list(tiny_data.texts[:2]))
     fresh.close()
+
+
+SAVE_IN_A_NEW_PROCESS = """
+import sys, torch
+from pathlib import Path
+from s3t.store import ArtifactStore
+weights = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4)}
+print(ArtifactStore(Path(sys.argv[1])).save("ab" * 32, weights, {"stage": "2", "examples": "40"}))
+"""
+
+
+def test_the_same_stage_saved_by_different_processes_has_the_same_bytes(tmp_path):
+    """An artifact's SHA-256 names its tensors, whichever process saved them (a Ray worker, an audit's
+    replay): the file carries no per-process ordering (safetensors writes a metadata map in hash order)."""
+    import subprocess
+    import sys
+
+    shas = {subprocess.run([sys.executable, "-c", SAVE_IN_A_NEW_PROCESS, str(tmp_path / f"store{k}")], check=True,
+                           capture_output=True, text=True).stdout.strip() for k in range(5)}
+    assert len(shas) == 1, shas

@@ -110,9 +110,9 @@ def test_deletion_racing_a_restore_is_never_served(trained, tiny_data):
     trainer = trained.trainer
     original = trainer.register
 
-    def delete_during_training(stage, lineage_hash, result, ids, **kwargs):
-        original(stage, lineage_hash, result, ids, **kwargs)
-        if second in ids and not trained.registry.locate([second])[second][2]:
+    def delete_during_training(stage, **kwargs):
+        original(stage, **kwargs)
+        if second in stage.job.ids and not trained.registry.locate([second])[second][2]:
             trained.delete(ids=[second])
 
     trainer.register = delete_during_training

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "S3T", "Plan", "Dataset", "Record", "PromptRecord", "Receipt", "Prediction", "Generation", "Status", "ShardStatus",
-    "DeletionQueue", "datasets", "Addition", "AuditReport", "Check", "verify_receipt",
+    "DeletionQueue", "LocalExecutor", "RayExecutor", "datasets", "Addition", "AuditReport", "Check", "verify_receipt",
     "S3TError", "PlanError", "DataError", "RunError", "RunExistsError", "RunNotFoundError", "RunBusyError",
     "NotTrainedError",
     "NeedsRestoreError", "IntegrityError", "NotFoundError", "ConflictError", "AuthError", "ForbiddenError",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _LAZY = {"S3T": "system", "Status": "system", "ShardStatus": "system", "Prediction": "system", "Generation": "system",
-         "Receipt": "unlearning", "DeletionQueue": "batch", "Addition": "ingest", "AuditReport": "audit",
+         "Receipt": "unlearning", "DeletionQueue": "batch", "LocalExecutor": "executors", "RayExecutor": "executors", "Addition": "ingest", "AuditReport": "audit",
          "Check": "audit", "verify_receipt": "ledger",
          # deletion capacity: the simulator and the planner
          "simulate": "capacity", "expected_capacity": "capacity", "Requests": "capacity",

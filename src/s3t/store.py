@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,11 @@ class ArtifactStore:
         """
         from safetensors.torch import save
 
-        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"lineage": lineage, **metadata})
+        # One metadata entry, its JSON sorted: safetensors writes its metadata map in an order that differs
+        # from process to process (a Rust HashMap), so several entries would give the same tensors other bytes
+        # in another process (a Ray worker, an audit's replay) and another SHA-256.
+        about = json.dumps({"lineage": lineage, **metadata}, sort_keys=True)
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"s3t": about})
         target = self.path(lineage)
         private_dir(target.parent)
         write_private(target, data)

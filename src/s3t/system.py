@@ -39,6 +39,7 @@ from .unlearning import Receipt, current_depth, preview, rebuild, restorable, su
 
 if TYPE_CHECKING:
     from .batch import DeletionQueue
+    from .executors import Executor
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -387,7 +388,7 @@ class S3T:
             cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
                                              environment=self.environment().fingerprint))
-            self._trainer = Trainer(model=model, kind=model.kind, registry=self.registry, cache=cache,
+            self._trainer = Trainer(run_dir=self.run_dir, model=model, kind=model.kind, registry=self.registry, cache=cache,
                                     store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
                                     training=p.training_fields(blocks), base_digest=digest,
                                     environment=self.environment(), labels=self.labels,
@@ -426,17 +427,24 @@ class S3T:
             self._kind = family_at(resolve_model_path(self.plan.base_model)).kind
         return self._kind
 
-    def train(self, *, progress: bool = True) -> "S3T":
-        """Train every order of every shard to full depth (resumes an interrupted run)."""
-        self._rebuild(progress, "training")
+    def train(self, *, progress: bool = True, executor: "str | Executor" = "local") -> "S3T":
+        """Train every order of every shard to full depth (resumes an interrupted run).
+
+        `executor`: "local" trains in this process; "ray" (or `s3t.RayExecutor(address=...)`) trains the
+        shards' prefix trees as Ray tasks in parallel, bit for bit the same (see `s3t.executors`).
+        """
+        self._rebuild(progress, "training", executor)
         return self
 
-    def restore(self, *, progress: bool = True) -> int:
+    def restore(self, *, progress: bool = True, executor: "str | Executor" = "local") -> int:
         """Retrain truncated and stale orders on the current data (trains added records in); the served set
-        switches after each order."""
-        return self._rebuild(progress, "restoring")
+        switches after each order. `executor` as for `train`."""
+        return self._rebuild(progress, "restoring", executor)
 
-    def _rebuild(self, progress: bool, what: str) -> int:
+    def _rebuild(self, progress: bool, what: str, executor: "str | Executor" = "local") -> int:
+        from .executors import executor_for
+
+        executor = executor_for(executor)   # a wrong name fails before the lock is taken
         # One trainer per run folder: the sweep may only shred unregistered files while nobody trains.
         lock = self._lock(TRAIN_LOCK)
         if not lock.acquire(wait=TRAIN_LOCK_WAIT_S):
@@ -444,17 +452,17 @@ class S3T:
             raise RunBusyError(f"another process is training the run at {self.run_dir} (it holds {holder}); "
                                "wait for it to finish, then retry")
         try:
-            return self._rebuild_holding_lock(progress, what)
+            return self._rebuild_holding_lock(progress, what, executor)
         finally:
             lock.release()
 
-    def _rebuild_holding_lock(self, progress: bool, what: str) -> int:
+    def _rebuild_holding_lock(self, progress: bool, what: str, executor: "Executor") -> int:
         trainer = self.trainer
         todo = restorable(self.registry)
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
         try:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
-                return rebuild(self.registry, trainer, on_stage=advance)
+                return rebuild(self.registry, trainer, on_stage=advance, executor=executor)
         finally:
             # Stages that saw a record deleted while they trained were retired by `rebuild`; this backstop
             # retires whatever slipped past its checks. Then sweep, still holding the training lock: files

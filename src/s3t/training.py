@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,7 @@ from .registry import Registry
 from .store import ArtifactStore
 from .truncation import attainable_depth
 
-__all__ = ["Trainer", "StageResult", "ArtifactRetired"]
+__all__ = ["Trainer", "StageResult", "StageJob", "OrderJob", "TrainedStage", "ArtifactRetired", "describe"]
 
 
 class ArtifactRetired(KeyError):
@@ -39,10 +40,45 @@ class StageResult:
     epoch_losses: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """One stage to train: what a worker needs besides the run itself (see `s3t.executors`)."""
+
+    stage: int
+    lineage: str
+    parents: tuple[str, ...]    # the lineages of stages 1..stage-1, loaded frozen below it
+    ids: tuple[str, ...]        # the records of its cumulative slices
+    seed: int
+
+
+@dataclass(frozen=True)
+class OrderJob:
+    """One order of a shard to bring to full depth: all its stage lineages, and the stages still to train."""
+
+    shard: int
+    order: dict
+    lineages: list[str]
+    stages: list[StageJob]
+
+
+@dataclass(frozen=True)
+class TrainedStage:
+    """A stage whose artifact file is saved and not yet registered."""
+
+    job: StageJob
+    sha256: str
+    loss: float | None
+
+
+def describe(job: OrderJob, stage: StageJob) -> str:
+    return f"shard {job.shard} order {job.order['position']} stage {stage.stage}"
+
+
 @dataclass
 class Trainer:
     """Trains and registers stage artifacts for the orders of a run."""
 
+    run_dir: Path               # the run folder (workers of another executor open it from the same path)
     model: LayeredModel
     kind: str                   # the records' kind (records.KINDS): how stored content becomes model input
     registry: Registry
@@ -155,57 +191,83 @@ class Trainer:
             return StageResult({**bb.group_state(group), **bb.head_state()}, losses)
 
     # -- orders -------------------------------------------------------------------------------------
+    def jobs(self, shard: int, orders: Sequence[dict]) -> tuple[list[OrderJob], dict[str, int]]:
+        """What bringing `orders` of one shard to full depth on its current live data takes: per order, its
+        stage lineages and the stages not trained yet (parents first); and the shard's re-added records'
+        generations, which registration records. Orders whose first slice is empty are left out: never
+        trained, never served (depth stays 0)."""
+        members = self.registry.live_members(shard)
+        generations = self.registry.generations(shard)   # fixed while we train (see Registry.generations)
+        jobs = []
+        for order in orders:
+            if not attainable_depth(order["slices"], members):
+                continue
+            lineages = self.lineages(order["slices"], members, generations)
+            seeds = self.lineages(order["slices"], members) if generations else lineages
+            stages = [StageJob(stage=k, lineage=lineages[k - 1], parents=tuple(lineages[:k - 1]),
+                               ids=tuple(sorted(i for s in order["slices"][:k] for i in members.get(s, []))),
+                               seed=stage_seed(seeds[k - 1]))
+                      for k in range(1, len(lineages) + 1) if not self._usable(lineages[k - 1])]
+            jobs.append(OrderJob(shard=shard, order=order, lineages=lineages, stages=stages))
+        return jobs, generations
+
+    def prepare(self, shard: int) -> dict[str, int] | None:
+        """Cache the frozen trunk's states of the shard's live records (those not cached yet) and return the
+        training targets: each id's label index (classification), None when completions are the targets."""
+        _members, rows = self.registry.live_shard(shard)
+        records = {i: from_payload(self.kind, i, content) for i, content in rows.items()}
+        with pinned(self.environment):   # writes live records only
+            self.cache.fill(self.model, sorted(records), lambda i: records[i].model_input)
+        if self.model.task != "classify":
+            return None
+        label_index = {label: k for k, label in enumerate(self.labels)}
+        return {i: label_index[r.label] for i, r in records.items()}
+
+    def train(self, job: StageJob, targets: dict[str, int] | None) -> TrainedStage:
+        """Train one stage and save its artifact file; registering it is the caller's (`register`)."""
+        result = self.train_stage(stage=job.stage, lineage=job.lineage, parents=job.parents, ids=job.ids,
+                                  targets=targets, seed=job.seed)
+        sha = self.store.save(job.lineage, result.tensors, {"stage": str(job.stage), "examples": str(len(job.ids))})
+        self._tensors[job.lineage] = result.tensors   # its children load it before it is registered
+        return TrainedStage(job, sha, result.epoch_losses[-1] if result.epoch_losses else None)
+
     def complete(self, shard: int, orders: Sequence[dict], *, on_stage: Callable[[str], None] = lambda done: None,
                  on_order: Callable[[dict, list[str]], None]) -> None:
-        """Bring `orders` of one shard to full depth on the shard's current live data.
+        """Bring `orders` of one shard to full depth on the shard's current live data, in this process.
 
         Stages that already exist (same lineage, verified file) are reused; `on_order(order, lineages)`
         is called after each order is complete so the caller can switch the served set.
         """
-        members, rows = self.registry.live_shard(shard)
-        generations = self.registry.generations(shard)   # fixed while we train (see Registry.generations)
-        records = {i: from_payload(self.kind, i, content) for i, content in rows.items()}
-        with pinned(self.environment):   # writes live records only
-            self.cache.fill(self.model, sorted(records), lambda i: records[i].model_input)
-        label_index = {label: k for k, label in enumerate(self.labels)}
-        targets = {i: label_index[r.label] for i, r in records.items()} if self.model.task == "classify" else None
-        for order in orders:
-            if not attainable_depth(order["slices"], members):
-                continue   # its first slice has no records left: never trained, never served (depth stays 0)
-            lineages = self.lineages(order["slices"], members, generations)
-            seeds = self.lineages(order["slices"], members) if generations else lineages
+        jobs, generations = self.jobs(shard, orders)
+        targets = self.prepare(shard)
+        for job in jobs:
             try:
-                for stage in range(1, len(lineages) + 1):
-                    if self._usable(lineages[stage - 1]):
-                        continue
-                    ids = sorted(i for s in order["slices"][:stage] for i in members.get(s, []))
-                    result = self.train_stage(stage=stage, lineage=lineages[stage - 1],
-                                              parents=lineages[:stage - 1], ids=ids, targets=targets,
-                                              seed=stage_seed(seeds[stage - 1]))
-                    self.register(stage, lineages[stage - 1], result, ids, generations=generations)
-                    on_stage(f"shard {shard} order {order['position']} stage {stage}")
+                for stage in job.stages:
+                    if self._usable(stage.lineage):
+                        continue   # an order before this one shares the prefix
+                    self.register(self.train(stage, targets), generations=generations)
+                    on_stage(describe(job, stage))
             except (CacheMiss, ArtifactRetired):
                 continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
-            on_order(order, lineages)
+            on_order(job.order, job.lineages)
 
-    def register(self, stage: int, lineage: str, result: StageResult, ids: Sequence[str], *,
-                 generations: dict[str, int] | None = None) -> None:
-        """Save the artifact file, then record it and its lineage (file first: a crash leaves no dangling row,
-        and a file left without its row is shredded by the run's sweep: see `S3T.sweep`)."""
-        sha = self.store.save(lineage, result.tensors, {"stage": str(stage), "examples": str(len(ids))})
+    def register(self, trained: TrainedStage, *, generations: dict[str, int] | None = None) -> None:
+        """Record a saved stage and its lineage (file first: a crash leaves no dangling row, and a file left
+        without its row is shredded by the run's sweep: see `S3T.sweep`). Raises `CacheMiss` when a record
+        it saw was deleted meanwhile: the stage is retired and its order's data is stale."""
+        job = trained.job
         with self.registry.transaction() as conn:
             self.registry.add_environment(conn, self.environment.fingerprint, self.environment.to_dict())
-            self.registry.add_artifact(conn, lineage_hash=lineage, sha256=sha, stage=stage, examples=len(ids),
-                                       loss=result.epoch_losses[-1] if result.epoch_losses else None,
-                                       record_ids=ids, environment=self.environment.fingerprint,
-                                       generations=generations)
+            self.registry.add_artifact(conn, lineage_hash=job.lineage, sha256=trained.sha256, stage=job.stage,
+                                       examples=len(job.ids), loss=trained.loss, record_ids=list(job.ids),
+                                       environment=self.environment.fingerprint, generations=generations)
             # Writers are serialised: either a deletion of one of `ids` saw this row and retired it, or it
             # committed before this check, which retires the stage now (the rebuild's sweep shreds the file).
-            stale = self.registry.saw_deleted(conn, [lineage])
+            stale = self.registry.saw_deleted(conn, [job.lineage])
             self.registry.retire(conn, stale)
         if stale:
-            raise CacheMiss(lineage)   # the order's data is stale: leave it truncated
-        self._tensors[lineage] = result.tensors
+            self.forget(stale)
+            raise CacheMiss(job.lineage)
 
     def pending(self, shard: int, orders: Sequence[dict]) -> int:
         """Number of distinct stages `complete` would train for these orders (for progress bars)."""

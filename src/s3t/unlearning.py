@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from .batch import Batch
+    from .executors import Executor
     from .training import Trainer
 
 __all__ = ["Applied", "Receipt", "apply", "delete", "preview", "rebuild", "restorable", "current_depth",
@@ -334,8 +335,10 @@ def current_depth(order: dict, counts: dict[tuple[int, int], int], examples: dic
     return order["depth"]
 
 
-def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None) -> int:
-    """Train every `restorable` order on the current data; return how many were completed.
+def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str], None] = lambda done: None,
+            executor: "Executor | None" = None) -> int:
+    """Train every `restorable` order on the current data (in this process, or on `executor`: see
+    `s3t.executors`); return how many were completed.
 
     After each order, one transaction re-checks that none of its artifacts saw a record deleted while it
     trained (such a result is discarded and left for the next rebuild) and switches the served set. Stages
@@ -369,6 +372,9 @@ def rebuild(registry: Registry, trainer: "Trainer", *, on_stage: Callable[[str],
         trainer.forget(superseded)
         completed += 1
 
-    for shard, shard_orders in sorted(by_shard.items()):
-        trainer.complete(shard, shard_orders, on_stage=on_stage, on_order=commit)
+    if executor is None:
+        from .executors import LocalExecutor
+
+        executor = LocalExecutor()
+    executor.complete(trainer, dict(by_shard), on_stage=on_stage, on_order=commit)
     return completed

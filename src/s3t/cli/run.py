@@ -33,6 +33,18 @@ def _load_data(path: str):
                     "or `bbc-news` for the bundled set")
 
 
+ExecutorName = Annotated[Literal["local", "ray"], typer.Option(
+    help="Where stages train: in this process, or as Ray tasks (pip install \"s3t[ray]\"); bit for bit the same.")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    help="With --executor ray: the cluster to join (auto, ray://HOST:10001); default: a local one for this command.")]
+
+
+def _executor(executor: str, address: str | None):
+    from ..executors import executor_for
+
+    return executor_for(executor, address=address)
+
+
 def _lines(path: Path) -> list[str]:
     from ..errors import DataError
 
@@ -66,14 +78,19 @@ def train(run_dir: RunDir,
           plan: Annotated[Optional[Path], typer.Option(help="Plan TOML file (default: s3t.Plan()).")] = None,
           database_url: Annotated[Optional[str], typer.Option(help="Keep the registry in this database, e.g. postgresql+psycopg://user@host/db (default: SQLite in the run folder).")] = None,
           database_schema: Annotated[Optional[str], typer.Option(help="PostgreSQL schema of the run's tables (created if missing; one run per schema).")] = None,
+          executor: ExecutorName = "local",
+          address: RayAddress = None,
           quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
     """Create a run from --data and train it, or resume training an existing run.
 
     Example: s3t train runs/news --data train.jsonl --plan plan.toml --database-url postgresql+psycopg://s3t@db/s3t --database-schema news
+
+    On a Ray cluster (every worker must reach the run folder at the same path): s3t train runs/news --executor ray --address auto
     """
     from ..plan import Plan
     from ..system import RUN_FILE, S3T
 
+    runner = _executor(executor, address)   # a wrong combination fails before a run is created
     if (run_dir / RUN_FILE).exists():
         if data is not None or plan is not None or database_url is not None or database_schema is not None:
             raise S3TError(f"{run_dir} already holds a run; resume it with `s3t train {run_dir}` "
@@ -84,7 +101,7 @@ def train(run_dir: RunDir,
     else:
         system = S3T.create(run_dir, Plan.from_toml(plan) if plan else Plan(), _load_data(data),
                             database_url=database_url, database_schema=database_schema)
-    system.train(progress=not quiet)
+    system.train(progress=not quiet, executor=runner)
     console.print(f"trained {run_dir}: {depths(system)}", markup=False)
 
 
@@ -222,12 +239,14 @@ def status(run_dir: RunDir, as_json: AsJson = False) -> None:
 
 @app.command()
 @user_errors
-def restore(run_dir: RunDir, quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
+def restore(run_dir: RunDir, executor: ExecutorName = "local", address: RayAddress = None,
+            quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False) -> None:
     """Retrain truncated and stale orders on the current data, switching each in when done.
 
-    Example: s3t restore runs/news
+    Example: s3t restore runs/news (or, on a Ray cluster: s3t restore runs/news --executor ray --address auto)
     """
+    runner = _executor(executor, address)
     system = open_run(run_dir)
-    done = system.restore(progress=not quiet)
+    done = system.restore(progress=not quiet, executor=runner)
     console.print(f"restored {done} orders: {depths(system)}", markup=False)
 
