@@ -211,3 +211,23 @@ def test_cli_restore_with_the_ray_executor_and_its_user_errors(trained_dir, tmp_
     finally:
         local.close()
         remote.close()
+
+
+def test_the_services_restoration_child_can_train_on_ray(trained, tiny_data, monkeypatch, capsys):
+    """`s3t serve --restore-executor ray`: the background worker's child restores through the Ray executor."""
+    import json
+
+    from s3t.service import worker
+    from s3t.service.settings import ServiceSettings
+
+    trained.delete(ids=[tiny_data[11].id])
+    monkeypatch.setattr(os, "nice", lambda increment: None)   # the child lowers its priority; not this test's
+    assert worker.main([str(trained.run_dir), "--executor", "ray"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["completed"] > 0
+    assert trained.status().truncated_orders == 0
+
+    assert ServiceSettings(restore_executor="ray", ray_address="auto").ray_address == "auto"
+    with pytest.raises(PlanError, match="unknown executor 'spark'"):
+        ServiceSettings(restore_executor="spark")
+    with pytest.raises(PlanError, match="`address` is for the Ray executor"):
+        ServiceSettings(ray_address="auto")

@@ -115,9 +115,9 @@ class RayExecutor:
         options = dict(num_cpus=threads, max_retries=self.max_retries)
         prepare, train = ray.remote(**options)(_prepare_shard), ray.remote(**options)(_train_tree)
         run = (str(trainer.run_dir), trainer.environment)
-        generations, pending = {}, {}
+        generations_of, pending = {}, {}
         for shard, orders in sorted(shards.items()):
-            jobs, generations[shard] = trainer.jobs(shard, orders)
+            jobs, generations_of[shard] = trainer.jobs(shard, orders)
             trees = defaultdict(list)   # orders sharing their first stage share whatever prefix they have
             for job in jobs:
                 if job.stages:
@@ -129,6 +129,25 @@ class RayExecutor:
                 for tree in trees.values():
                     pending[train.remote(prepared, *run, tree)] = shard
         registered: set[str] = set()
+        stale: set[str] = set()   # retired at registration: a record they saw was deleted since the worker read it
+
+        def register(job: OrderJob, trained: list[TrainedStage], generations: dict[str, int]) -> bool:
+            """Register an order's new stages, parents first; False when one is stale (the order stays truncated)."""
+            for stage in trained:
+                lineage = stage.job.lineage
+                if lineage in registered:
+                    continue   # shared with an order registered before
+                if lineage in stale:
+                    return False
+                try:
+                    trainer.register(stage, generations=generations)
+                except CacheMiss:
+                    stale.add(lineage)
+                    return False
+                registered.add(lineage)
+                on_stage(describe(job, stage.job))
+            return True
+
         failure = None
         try:
             while pending:
@@ -141,15 +160,7 @@ class RayExecutor:
                     failure = failure or (cause if isinstance(cause, S3TError) else exc)
                     continue
                 for job, trained, complete in results:
-                    try:
-                        for stage in trained:
-                            if stage.job.lineage not in registered:
-                                trainer.register(stage, generations=generations[shard])
-                                registered.add(stage.job.lineage)
-                                on_stage(describe(job, stage.job))
-                    except CacheMiss:
-                        continue   # a record was deleted since the worker read it: leave the order truncated
-                    if complete:
+                    if register(job, trained, generations_of[shard]) and complete:
                         on_order(job.order, job.lineages)
         finally:
             for ref in pending:   # interrupted: nothing more is saved for a registration that will not come

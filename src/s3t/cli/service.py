@@ -45,6 +45,8 @@ def serve(run_dir: RunDir,
           train_added: Annotated[bool, typer.Option(help="Train added records in in the background (restore stale orders).")] = True,
           audit_replay: Annotated[bool, typer.Option(help="Let GET /v1/audit?replay=N retrain stages in this process (predictions wait meanwhile).")] = False,
           restore_poll: Annotated[float, typer.Option(help="Seconds between the restoration worker's policy checks.")] = 2.0,
+          restore_executor: Annotated[Literal["local", "ray"], typer.Option(help="Where background restorations train: in the worker's child process, or as Ray tasks (pip install \"s3t[ray]\").")] = "local",
+          ray_address: Annotated[Optional[str], typer.Option(help="With --restore-executor ray: the cluster to join (auto, ray://HOST:10001); default: a local Ray per restoration.")] = None,
           worker: Annotated[bool, typer.Option(help="Run the background restoration worker.")] = True,
           preload: Annotated[bool, typer.Option(help="Load the model at startup rather than on the first prediction.")] = True,
           log_level: Annotated[LogLevel, typer.Option(case_sensitive=False, help="Server log verbosity.")] = "info") -> None:
@@ -64,7 +66,7 @@ def serve(run_dir: RunDir,
         max_batch=max_batch,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
         restore_below=restore_below, train_added=train_added, audit_replay=audit_replay, restore_poll_s=restore_poll,
-        worker=worker, preload=preload)
+        restore_executor=restore_executor, ray_address=ray_address, worker=worker, preload=preload)
     run_server(run_dir, host=host, port=port, settings=settings, trusted_proxies=trusted_proxy or (),
                log_level=log_level)
 

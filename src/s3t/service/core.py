@@ -84,7 +84,8 @@ class Service:
         self.tokens = TokenCache()   # deletions re-check revocation in their transaction
         self.worker = (RestorationWorker(self.system, restore_below=self.settings.restore_below,
                                          poll_s=self.settings.restore_poll_s, train_added=self.settings.train_added,
-                                         on_finish=self._restored)
+                                         executor=self.settings.restore_executor,
+                                         ray_address=self.settings.ray_address, on_finish=self._restored)
                        if self.settings.worker else None)
         self.metrics = Metrics(self._state)
         self.model_ready = threading.Event()

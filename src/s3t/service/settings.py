@@ -78,6 +78,8 @@ class ServiceSettings:
     train_added: bool = True           # restore stale orders (records were added) in the background
     audit_replay: bool = False         # let GET /v1/audit replay stages (trains on the served model: predictions wait)
     restore_poll_s: float = 2.0        # how often the worker checks the policy
+    restore_executor: str = "local"    # where the restoration child trains: "local" (itself) or "ray"
+    ray_address: str | None = None     # the Ray cluster the child joins (None: a local Ray for each run)
     worker: bool = True                # run the background restoration worker
     preload: bool = True               # load the model at startup (in the background) instead of on first use
 
@@ -91,6 +93,9 @@ class ServiceSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PlanError(f"`{name}` must be an integer >= 1; got {value!r}")
+        from ..executors import executor_for
+
+        executor_for(self.restore_executor, address=self.ray_address)   # names and combination checked here
         if self.restore_below is not None and (not isinstance(self.restore_below, int) or self.restore_below < 1):
             raise PlanError(f"`restore_below` must be a served depth >= 1, or None to restore only on request; "
                             f"got {self.restore_below!r}")

@@ -42,8 +42,11 @@ class RestorationWorker:
     """Starts restoration children by policy or on request; never blocks its caller."""
 
     def __init__(self, system, *, restore_below: int | None, poll_s: float, train_added: bool = False,
+                 executor: str = "local", ray_address: str | None = None,
                  on_finish: Callable[[str, int], None] = lambda outcome, orders: None) -> None:
         self.system = system
+        self.executor = executor
+        self.ray_address = ray_address
         self.restore_below = restore_below
         self.train_added = train_added
         self.poll_s = poll_s
@@ -118,7 +121,8 @@ class RestorationWorker:
         started, t0 = utcnow(), time.perf_counter()
         self.state = "running"
         self.runs["started"] += 1
-        cmd = [sys.executable, "-m", "s3t.service.worker", str(self.system.run_dir), "--parent", str(os.getpid())]
+        cmd = [sys.executable, "-m", "s3t.service.worker", str(self.system.run_dir), "--parent", str(os.getpid()),
+               "--executor", self.executor, *(["--address", self.ray_address] if self.ray_address else [])]
         self._child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         out, _ = self._child.communicate()
         code = self._child.returncode
@@ -165,12 +169,17 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m s3t.service.worker RUN_DIR [--parent PID]`: restore once, print {"completed": n}."""
+    """`python -m s3t.service.worker RUN_DIR [--parent PID] [--executor ray [--address ADDR]]`: restore once,
+    print {"completed": n}."""
     import argparse
+
+    from ..executors import EXECUTORS, executor_for
 
     parser = argparse.ArgumentParser(prog="python -m s3t.service.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--parent", type=int)
+    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--address")
     args = parser.parse_args(argv)
     if args.parent:
         _die_with_parent(args.parent)
@@ -180,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     system = S3T.open(args.run_dir)
     try:
-        completed = system.restore(progress=False)   # takes the run's training lock (torch loads only then)
+        # takes the run's training lock (torch loads only then)
+        completed = system.restore(progress=False, executor=executor_for(args.executor, address=args.address))
     except RunBusyError:
         return BUSY
     finally:
