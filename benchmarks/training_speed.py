@@ -50,9 +50,9 @@ def run_side(side: str, records: int | None, plan_json: str, out: Path) -> None:
         def _usable(self, lineage):
             return lineage in self.trained_here   # never reuse a stage another order already trained
 
-        def register(self, stage, lineage, result, ids):
-            self.trained_here.add(lineage)
-            super().register(stage, lineage, result, ids)
+        def register(self, trained, **kwargs):
+            self.trained_here.add(trained.job.lineage)
+            super().register(trained, **kwargs)
 
     plan = s3t.Plan.from_json(plan_json)
     train, test = demo_data()

@@ -115,3 +115,26 @@ def test_a_deletion_waiting_on_a_fills_write_shreds_what_it_wrote(trained, tiny_
     assert cached_files(trained.run_dir, victim) == []
     with pytest.raises(CacheMiss):
         cache.load([victim], cache.boundaries[0])
+
+
+def test_a_record_added_again_is_read_under_its_new_key_by_a_cache_that_knew_the_old(trained, tiny_data):
+    """Deleted, then added again with `replace_deleted`: the record is sealed under a new key slot. A cache
+    object that read it before (a Ray worker's, kept between tasks) must find the new key, not miss."""
+    import s3t
+
+    victim = tiny_data[4]
+    trainer = trained.trainer
+    shard = trained.locate([victim.id])[victim.id][0]
+    trainer.prepare(shard)   # fills the cache of the shard's records
+    boundary = trainer.cache.boundaries[0]
+    before, _ = trainer.cache.load([victim.id], boundary)
+    worker = TrunkCache(trained.run_dir, key=trainer.cache.name, boundaries=trainer.cache.boundaries,
+                        registry=trained.registry)
+    worker.load([victim.id], boundary)   # remembers the record's key slot
+    trained.delete(ids=[victim.id])
+    with pytest.raises(CacheMiss):
+        worker.load([victim.id], boundary)
+    trained.add(s3t.Dataset([victim]), replace_deleted=True)
+    trainer.prepare(shard)   # another process fills it again, under the new key
+    after, _ = worker.load([victim.id], boundary)
+    assert torch.equal(after, before)

@@ -164,23 +164,123 @@ def test_a_deletion_racing_the_workers_is_never_served(trained, tiny_data):
     assert trained.status().truncated_orders > 0   # the raced orders wait for the next restore
 
 
-def test_a_worker_in_another_numeric_environment_refuses(trained_dir, tmp_path):
-    from s3t.executors import _trainer
+def test_a_worker_refuses_another_run_another_version_or_another_numeric_environment(trained_dir, tmp_path):
+    from s3t.executors import RunRef, _trainer
 
     system = s3t.S3T.open(copy_run(trained_dir, tmp_path / "run"))
     try:
-        driver = system.environment()
-        assert _trainer(str(system.run_dir), driver).environment == driver
+        run = RunRef.of(system.trainer)
+        assert Path(run.path).is_absolute()
+        assert _trainer(run).environment == run.environment
+        with pytest.raises(RunError, match=r"finds another run at .*same path"):
+            _trainer(replace(run, run_id="another"))
+        with pytest.raises(RunError, match=r"runs s3t .*, the driver s3t 0\.0\.0"):
+            _trainer(replace(run, version="0.0.0"))
         with pytest.raises(RunError, match=r"another numeric environment.*threads: 7 ->"):
-            _trainer(str(system.run_dir), replace(driver, threads=7))
+            _trainer(replace(run, environment=replace(run.environment, threads=7)))
     finally:
+        _close_worker_runs()
         system.close()
+
+
+def _close_worker_runs() -> None:
+    """Close the runs this process opened as a worker would (`executors._OPEN`)."""
+    from s3t import executors
+
+    for system in executors._OPEN.values():
+        system.close()
+    executors._OPEN.clear()
+
+
+def test_a_tree_task_keeps_no_weights_in_the_worker(trained, tiny_data):
+    """Run as a worker would, in this process: a stage retired later cannot linger in a worker's memory."""
+    from s3t import executors
+    from s3t.unlearning import restorable
+
+    trained.delete(ids=[tiny_data[0].id])
+    registrar = executors.Registrar(trained.trainer, on_stage=lambda done: None, on_order=lambda *a: None)
+    tree = registrar.trees({o["shard"]: [o] for o in restorable(trained.registry)})[0]
+    try:
+        results = executors._train_tree(None, executors.RunRef.of(trained.trainer), tree)
+        assert any(trained_stages for _job, trained_stages, _complete in results)
+        worker = executors._OPEN[str(trained.run_dir.resolve())]
+        assert worker.trainer._tensors == {}
+    finally:
+        _close_worker_runs()
+
+
+def test_the_driver_refuses_a_stage_file_it_cannot_read(trained):
+    """A worker that saved its file elsewhere (no shared filesystem): the driver says so, registers nothing."""
+    from s3t.executors import Registrar
+    from s3t.training import OrderJob, StageJob, TrainedStage
+
+    registrar = Registrar(trained.trainer, on_stage=lambda done: None, on_order=lambda *a: None, check_files=True)
+    registrar.generations[0] = {}
+    job = StageJob(stage=1, lineage="ab" * 32, parents=(), ids=(trained.registry.live_members(0)[0][0],), seed=1)
+    order = OrderJob(shard=0, order={"position": 0}, lineages=[job.lineage], stages=[job])
+    with pytest.raises(RunError, match="cannot read it .*same path"):
+        registrar.stage(order, TrainedStage(job, "0" * 64, None))
+    assert trained.registry.artifact(job.lineage) is None
+
+
+def test_a_worker_failure_is_one_line_with_its_cause():
+    from s3t.executors import _reason
+
+    class TaskError(Exception):
+        cause = ModuleNotFoundError("No module named 's3t.executors'")
+
+    error = _reason(TaskError("traceback\n  line 1\n  line 2"))
+    assert isinstance(error, RunError) and "\n" not in str(error)
+    assert "a Ray training task failed (ModuleNotFoundError: No module named 's3t.executors')" in str(error)
+    refused = RunError("another numeric environment")
+    TaskError.cause = refused
+    assert _reason(TaskError()) is refused
+
+
+@pytest.mark.both_databases
+def test_a_relative_run_path_reaches_the_workers_as_the_same_folder(trained_dir, tmp_path, tiny_data, monkeypatch):
+    """Ray's workers do not share the driver's working folder: `S3T.open("run")` must still train that run."""
+    local = s3t.S3T.open(copy_run(trained_dir, tmp_path / "local"))
+    copy_run(trained_dir, tmp_path / "remote")
+    monkeypatch.chdir(tmp_path)
+    remote = s3t.S3T.open("remote")
+    try:
+        for system in (local, remote):
+            system.delete(ids=[tiny_data[9].id])
+        assert remote.restore(progress=False, executor="ray") == local.restore(progress=False) > 0
+        assert_same_stages(remote, local)
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_a_re_added_record_restores_on_ray_as_in_process(trained_dir, tmp_path, tiny_data):
+    """A record deleted and added again lives under a new key: workers that cached its old key find the new."""
+    victim = tiny_data[5]
+    local = s3t.S3T.open(copy_run(trained_dir, tmp_path / "local"))
+    remote = s3t.S3T.open(copy_run(trained_dir, tmp_path / "remote"))
+    try:
+        for system in (local, remote):
+            system.delete(ids=[victim.id])
+        remote.restore(progress=False, executor="ray")   # warms the workers' caches with the old key
+        local.restore(progress=False)
+        for system in (local, remote):
+            system.add(s3t.Dataset([victim]), replace_deleted=True)
+        for _attempt in range(2):   # whichever worker takes which task
+            remote.restore(progress=False, executor="ray")
+        local.restore(progress=False)
+        assert remote.status().stale_orders == remote.status().truncated_orders == 0
+        assert_same_stages(remote, local)
+    finally:
+        local.close()
+        remote.close()
 
 
 def test_executor_names_and_a_missing_ray_are_clear_errors(trained, monkeypatch):
     with pytest.raises(PlanError, match="unknown executor 'spark'; choose one of: local, ray"):
         trained.restore(progress=False, executor="spark")
     monkeypatch.setitem(sys.modules, "ray", None)
+    assert trained.restore(progress=False, executor="ray") == 0   # nothing to train: Ray is not needed
     trained.delete(ids=[trained.registry.live_members(0)[0][0]])
     with pytest.raises(RunError, match=r'pip install "s3t\[ray\]"'):
         trained.restore(progress=False, executor="ray")

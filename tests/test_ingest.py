@@ -34,7 +34,8 @@ def no_training(monkeypatch):
         raise AssertionError("adding records tried to train")
 
     monkeypatch.setattr(Trainer, "train_stage", refuse)
-    monkeypatch.setattr(Trainer, "complete", refuse)
+    monkeypatch.setattr(Trainer, "train", refuse)
+    monkeypatch.setattr(Trainer, "prepare", refuse)
 
 
 def new_records(n: int, *, seed: int = 9, prefix: str = "new", subject: str | None = None) -> s3t.Dataset:

@@ -25,7 +25,8 @@ def no_training(monkeypatch):
         raise AssertionError("the deletion path tried to train")
 
     monkeypatch.setattr(Trainer, "train_stage", refuse)
-    monkeypatch.setattr(Trainer, "complete", refuse)
+    monkeypatch.setattr(Trainer, "train", refuse)
+    monkeypatch.setattr(Trainer, "prepare", refuse)
 
 
 def run_bytes(system) -> bytes:

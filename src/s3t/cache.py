@@ -125,7 +125,7 @@ class TrunkCache:
         self.boundaries = list(boundaries)
         self.registry = registry
         self._index = {b: k for k, b in enumerate(self.boundaries)}
-        self._slots: dict[str, int] = {}   # record id -> key slot (a record's slot never changes)
+        self._slots: dict[str, int] = {}   # record id -> key slot (a re-added record gets a new one)
         if self.base.is_dir():   # invalidation: values under another key were computed differently
             for stale in self.base.iterdir():
                 if stale != self.root:
@@ -192,6 +192,10 @@ class TrunkCache:
         hidden, aux = [], []
         with cache_lock(self.run_dir).hold():   # a deletion shreds under this lock: no half-shredded reads
             keys = self.registry.keys.keys(self._slots[i] for i in ids if i in self._slots)
+            dead = [i for i in ids if keys.get(self._slots.get(i, -1)) is None]
+            if dead:   # deleted; or deleted and added again since, under a new key (S3T.add(replace_deleted=True))
+                self._slots.update(self.registry.key_slots(dead, live_only=True))
+                keys = self.registry.keys.keys(self._slots[i] for i in ids if i in self._slots)
             for rid in ids:
                 key = keys.get(self._slots.get(rid, -1))
                 if key is None:   # the record was deleted: its key is gone

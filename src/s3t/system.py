@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ DB_FILE = "registry.sqlite"
 KEYS_FILE = "keys.bin"            # one key per record (and per held request), destroyed on deletion
 LEDGER_KEY_FILE = "ledger.key"    # HMAC key of subject digests and request fingerprints: not in the database
 RECORD_KIND = "record_kind"       # meta: the kind of record the run trains on (records.KINDS, S3T.kind)
+RUN_ID = "run_id"                 # meta: a random name of the run (a Ray worker checks it opened the same run)
 SIGNING_KEY_FILE = "signing.key"  # Ed25519 private key that signs the ledger's entries (s3t.ledger)
 ARTIFACTS_DIR = "artifacts"
 TRAIN_LOCK = "train.lock"         # held by whoever trains (train/restore) for the whole rebuild
@@ -194,6 +196,7 @@ class S3T:
                 registry.set_meta(conn, "plan", plan.to_json())
                 registry.set_meta(conn, "base_model_digest", model_digest(model_path))
                 registry.set_meta(conn, RECORD_KIND, family.kind)   # what `add` accepts, without the model
+                registry.set_meta(conn, RUN_ID, uuid.uuid4().hex)
                 registry.add_cells(conn, (plan.num_shards, plan.num_slices))
                 # sealed by the registry, each under a key of its own
                 registry.insert_records(conn, record_rows(data, assignment, ledger_key))
@@ -274,6 +277,7 @@ class S3T:
             if key_created:   # only the open that migrates an older run chains; see _chain_ledger
                 system._chain_ledger()
             system._keep_capacities()
+            system._keep_run_id()
             system.sweep()
         return system
 
@@ -294,6 +298,12 @@ class S3T:
                 mine = [o for o in orders if o["shard"] == shard]
                 self.registry.set_capacity(conn, shard, deletions_to_drop([o["slices"] for o in mine],
                                                                           [o["depth"] for o in mine]))
+
+    def _keep_run_id(self) -> None:
+        """Name a run created before runs had a name (once)."""
+        if self.registry.get_meta(RUN_ID) is None:
+            with self.registry.transaction() as conn:
+                self.registry.set_meta(conn, RUN_ID, uuid.uuid4().hex)
 
     def _lock(self, name: str) -> "FileLock | AdvisoryLock":
         """A run-wide lock: a `flock` file in the run folder (SQLite: one machine), or a PostgreSQL advisory

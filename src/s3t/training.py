@@ -4,12 +4,13 @@ Stage i of an order π trains only layer group i's LoRA adapters (and, for class
 slices π1..πi; groups 1..i-1 are loaded at the values their own stages reached and stay frozen; deeper
 groups are absent. The loss is the model family's: cross-entropy on the label, or on the completion tokens.
 A stage is named by its lineage hash, so a prefix shared by several orders (or unchanged by a deletion)
-is trained once and reused, and an interrupted run resumes where it stopped.
+is trained once and reused, and an interrupted run resumes where it stopped. `Trainer.jobs` says what an
+order still needs; `s3t.executors` trains it (in this process or on Ray) and `Trainer.register` records it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .registry import Registry
 from .store import ArtifactStore
 from .truncation import attainable_depth
 
-__all__ = ["Trainer", "StageResult", "StageJob", "OrderJob", "TrainedStage", "ArtifactRetired", "describe"]
+__all__ = ["Trainer", "StageResult", "StageJob", "OrderJob", "TrainedStage", "ArtifactRetired"]
 
 
 class ArtifactRetired(KeyError):
@@ -68,10 +69,6 @@ class TrainedStage:
     job: StageJob
     sha256: str
     loss: float | None
-
-
-def describe(job: OrderJob, stage: StageJob) -> str:
-    return f"shard {job.shard} order {job.order['position']} stage {stage.stage}"
 
 
 @dataclass
@@ -120,9 +117,10 @@ class Trainer:
                 raise
         return tensors
 
-    def forget(self, lineages: Sequence[str]) -> None:
-        """Drop retired artifacts' tensors from memory (and make serving slots that hold them reload)."""
-        gone = set(lineages)
+    def forget(self, lineages: Sequence[str] | None = None) -> None:
+        """Drop retired artifacts' tensors from memory (and make serving slots that hold them reload); None:
+        every artifact held."""
+        gone = set(self._tensors if lineages is None else lineages)
         for lineage in gone:
             self._tensors.pop(lineage, None)
         for slot, held in list(self.model.slot_contents.items()):
@@ -230,26 +228,6 @@ class Trainer:
         sha = self.store.save(job.lineage, result.tensors, {"stage": str(job.stage), "examples": str(len(job.ids))})
         self._tensors[job.lineage] = result.tensors   # its children load it before it is registered
         return TrainedStage(job, sha, result.epoch_losses[-1] if result.epoch_losses else None)
-
-    def complete(self, shard: int, orders: Sequence[dict], *, on_stage: Callable[[str], None] = lambda done: None,
-                 on_order: Callable[[dict, list[str]], None]) -> None:
-        """Bring `orders` of one shard to full depth on the shard's current live data, in this process.
-
-        Stages that already exist (same lineage, verified file) are reused; `on_order(order, lineages)`
-        is called after each order is complete so the caller can switch the served set.
-        """
-        jobs, generations = self.jobs(shard, orders)
-        targets = self.prepare(shard)
-        for job in jobs:
-            try:
-                for stage in job.stages:
-                    if self._usable(stage.lineage):
-                        continue   # an order before this one shares the prefix
-                    self.register(self.train(stage, targets), generations=generations)
-                    on_stage(describe(job, stage))
-            except (CacheMiss, ArtifactRetired):
-                continue   # a record was deleted mid-training: this order's data is stale, leave it truncated
-            on_order(job.order, job.lineages)
 
     def register(self, trained: TrainedStage, *, generations: dict[str, int] | None = None) -> None:
         """Record a saved stage and its lineage (file first: a crash leaves no dangling row, and a file left

@@ -39,12 +39,6 @@ RayAddress = Annotated[Optional[str], typer.Option(
     help="With --executor ray: the cluster to join (auto, ray://HOST:10001); default: a local one for this command.")]
 
 
-def _executor(executor: str, address: str | None):
-    from ..executors import executor_for
-
-    return executor_for(executor, address=address)
-
-
 def _lines(path: Path) -> list[str]:
     from ..errors import DataError
 
@@ -87,10 +81,11 @@ def train(run_dir: RunDir,
 
     On a Ray cluster (every worker must reach the run folder at the same path): s3t train runs/news --executor ray --address auto
     """
+    from ..executors import executor_for
     from ..plan import Plan
     from ..system import RUN_FILE, S3T
 
-    runner = _executor(executor, address)   # a wrong combination fails before a run is created
+    runner = executor_for(executor, address=address)   # a wrong combination fails before a run is created
     if (run_dir / RUN_FILE).exists():
         if data is not None or plan is not None or database_url is not None or database_schema is not None:
             raise S3TError(f"{run_dir} already holds a run; resume it with `s3t train {run_dir}` "
@@ -245,7 +240,9 @@ def restore(run_dir: RunDir, executor: ExecutorName = "local", address: RayAddre
 
     Example: s3t restore runs/news (or, on a Ray cluster: s3t restore runs/news --executor ray --address auto)
     """
-    runner = _executor(executor, address)
+    from ..executors import executor_for
+
+    runner = executor_for(executor, address=address)
     system = open_run(run_dir)
     done = system.restore(progress=not quiet, executor=runner)
     console.print(f"restored {done} orders: {depths(system)}", markup=False)
