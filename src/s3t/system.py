@@ -398,8 +398,8 @@ class S3T:
             cache = TrunkCache(self.run_dir, boundaries=boundaries, registry=self.registry,
                                key=cache_key(base_model=digest, max_length=p.max_length, boundaries=boundaries,
                                              environment=self.environment().fingerprint))
-            self._trainer = Trainer(run_dir=self.run_dir, model=model, kind=model.kind, registry=self.registry, cache=cache,
-                                    store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
+            self._trainer = Trainer(run_dir=self.run_dir, model=model, kind=model.kind, registry=self.registry,
+                                    cache=cache, store=ArtifactStore(self.run_dir / ARTIFACTS_DIR),
                                     training=p.training_fields(blocks), base_digest=digest,
                                     environment=self.environment(), labels=self.labels,
                                     epochs=p.epochs, learning_rate=p.learning_rate, batch_size=p.batch_size)
