@@ -20,7 +20,7 @@ class NoCache:
 class RandomWeightsTrainer(Trainer):
     """Registers every stage (real lineage, files and rows) with small random weights instead of training."""
 
-    def train_stage(self, *, stage, lineage, parents, ids, targets):
+    def train_stage(self, *, stage, lineage, parents, ids, targets, seed=None):
         gen = torch.Generator().manual_seed(int(lineage[:8], 16))
         group = self.model.groups_at(stage)
         shapes = {**self.model.group_state(group), **self.model.head_state()}

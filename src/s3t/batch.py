@@ -28,6 +28,7 @@ The queue never waits for company: the writer takes whatever is queued when it b
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256   # requests per transaction: bounds a batch's latency and its transaction's size
+_UNREAD = object()
 
 
 class Batch:
@@ -56,12 +58,13 @@ class Batch:
     also the deletion path's view of the registry inside that transaction: what it reads (records, the
     served set, orders, capacities, idempotency keys) is read once and kept in step with its own writes,
     since nothing else writes while the transaction holds the write lock; the writes every request makes
-    (erasing its records, its idempotency key, its usage count) are staged and written in one statement
-    each by `flush`, before the commit. Its ledger entry goes to the database at once, in its savepoint
-    (`ledger.append` links it to the chain's head, so entries are chained in request order), and so do
-    rarer writes (a depth, a served set, retired stages). A request that fails is rewound: its staged
-    writes are dropped, its immediate ones (its ledger entry included) rolled back to its savepoint, and
-    the cached reads re-read.
+    (its signed ledger entry, erasing its records, its idempotency key, its usage count) are staged and
+    written in one statement each by `flush`, before the commit. Ledger entries are built and signed
+    when staged, each linked to the one staged before it (`ledger.next_entry`), so they are chained in
+    request order. Rarer writes (a depth, a served set, retired stages) go to the database at once, in
+    the request's savepoint. A request that fails is rewound: its staged writes are dropped (its ledger
+    entry too: the next request links to the entry before it, so the chain has no gap), its immediate
+    ones rolled back to its savepoint, and the cached reads re-read.
     """
 
     def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
@@ -69,6 +72,7 @@ class Batch:
         self.erased: list[str] = []       # records whose derived copies are shredded before the commit
         self.key_slots: list[int] = []    # keys destroyed after the commit
         self.receipts: list[Receipt] = []
+        self._ledger: list[dict] = []                # staged: ledger rows, in chain order
         self._erase: list[tuple[dict, str]] = []     # staged: (record row, request id)
         self._keys: list[dict] = []                  # staged idempotency keys
         self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
@@ -205,7 +209,11 @@ class Batch:
         return self._idempotent[key]
 
     def receipt(self, request_id: str) -> dict | None:
-        """A stored receipt (this batch's ledger entries included: they are written at once)."""
+        """A stored receipt, this batch's staged ledger entries included (as `Registry.receipt_in` will
+        read them once written)."""
+        for row in self._ledger:
+            if row["request_id"] == request_id:
+                return json.loads(row["receipt"])
         return self.registry.receipt_in(self.conn, request_id)
 
     def seen(self, record_ids: Sequence[str]) -> set[str]:
@@ -236,10 +244,19 @@ class Batch:
                 cached["deleted_in"] = request_id
 
     def add_ledger_entry(self, receipt: dict) -> dict:
-        """Append the request's signed entry to the ledger's hash chain (`ledger.append`), now and in order:
-        in the request's savepoint, so a request rolled back leaves no entry, and the next one links to
-        the entry before it (no gap)."""
-        return ledger.append(self.registry, self.conn, receipt, signing_key=self.signing_key)
+        """Stage the request's signed entry at the end of the ledger's hash chain (`ledger.next_entry`),
+        linked to the entry staged before it, or to the stored head (read once per batch); returns
+        {seq, prev, entry_hash}. A request rolled back drops its entry, so the next one links to the
+        entry before it (no gap)."""
+        if self._ledger:
+            head = (self._ledger[-1]["seq"], self._ledger[-1]["entry_hash"])
+        else:
+            if self._ledger_head is _UNREAD:
+                self._ledger_head = self.registry.ledger_head(self.conn)
+            head = self._ledger_head
+        row = ledger.next_entry(head, receipt, signing_key=self.signing_key)
+        self._ledger.append(row)
+        return {"seq": row["seq"], "prev": row["prev_hash"], "entry_hash": row["entry_hash"]}
 
     def add_idempotent(self, key: str, fingerprint: str, request_id: str, created_at: str) -> None:
         row = {"key": key, "fingerprint": fingerprint, "request_id": request_id, "created_at": created_at}
@@ -252,6 +269,7 @@ class Batch:
     def flush(self) -> None:
         """Write the staged writes, one statement per kind (before the commit)."""
         reg, conn = self.registry, self.conn
+        reg.add_ledger_entries(conn, self._ledger)
         reg.erase_many(conn, self._erase)
         reg.add_idempotent_many(conn, self._keys)
         totals: dict[tuple[str, str], int] = {}
@@ -262,13 +280,13 @@ class Batch:
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
-        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._erase), len(self._keys),
-                len(self._usage))
+        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._ledger), len(self._erase),
+                len(self._keys), len(self._usage))
 
     def _rewind(self, mark: tuple[int, ...]) -> None:
         """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
-        for items, n in zip((self.erased, self.key_slots, self.receipts, self._erase, self._keys, self._usage),
-                            mark):
+        for items, n in zip((self.erased, self.key_slots, self.receipts, self._ledger, self._erase, self._keys,
+                             self._usage), mark):
             del items[n:]
         self._forget()
         ids, keys, tokens = self._hints
@@ -279,6 +297,7 @@ class Batch:
         self._erased_by = {row["id"]: request_id for row, request_id in self._erase}
         self._records: dict[str, dict | None] = {}
         self._served: tuple[int, list[dict]] | None = None
+        self._ledger_head: tuple[int, str] | None | object = _UNREAD   # the stored head (staged entries follow it)
         self._orders: dict[int, list[dict]] = {}
         self._capacity: dict[int, int] | None = None
         self._idempotent: dict[str, dict | None] = {row["key"]: row for row in self._keys}

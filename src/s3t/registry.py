@@ -813,12 +813,12 @@ class Registry:
                            .order_by(ledger.c.seq.desc()).limit(1)).first()
         return (row.seq, row.entry_hash) if row else None
 
-    def add_ledger_entry(self, conn: Connection, *, request_id: str, created_at: str, receipt: dict, seq: int,
-                         kind: str, prev_hash: str, entry_hash: str, signature: str | None) -> None:
-        conn.execute(ledger.insert().values(request_id=request_id, created_at=created_at, seq=seq, kind=kind,
-                                            receipt=json.dumps(receipt, sort_keys=True), prev_hash=prev_hash,
-                                            entry_hash=entry_hash, signature=signature))
-        self.set_meta(conn, LEDGER_HEAD, f"{seq}:{entry_hash}")   # exposes entries later removed from the end
+    def add_ledger_entries(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Write chained entries (`ledger.next_entry` rows, in chain order) in one statement, and record
+        the last one as the head (exposes entries later removed from the end)."""
+        if rows:
+            conn.execute(ledger.insert(), list(rows))
+            self.set_meta(conn, LEDGER_HEAD, f"{rows[-1]['seq']}:{rows[-1]['entry_hash']}")
 
     def chain_entry(self, conn: Connection, request_id: str, *, seq: int, kind: str, prev_hash: str,
                     entry_hash: str, signature: str | None) -> None:
