@@ -215,3 +215,42 @@ def test_a_batch_appends_one_signed_entry_per_request_in_order_and_a_rolled_back
     public = ledger.load_public_key(trained.public_key())
     assert ledger.verify_chain(rows, public, head=head) == []
     assert head == (new[-1]["seq"], new[-1]["entry_hash"])
+
+
+def test_a_request_that_fails_after_its_ledger_entry_was_staged_leaves_no_entry_and_no_key(trained):
+    """The entry, erasure and idempotency key of a request are staged in the batch, written at its flush:
+    a request that fails after `delete` returned (here: its own code raises) drops all three, the next
+    request's entry links to the entry before it, and its key stays free for a new request."""
+    from s3t import ledger
+
+    by_cell = cells(trained)
+    first, doomed, last = by_cell[1, 0][0], by_cell[1, 0][1], by_cell[1, 1][0]
+    before = trained.registry.ledger_entries()
+
+    def fails_late(batch):
+        batch.delete(ids=[doomed], idempotency_key="late")
+        raise RuntimeError("the caller failed after the deletion was applied in the batch")
+
+    held = Held(trained)
+    futures = [submit(trained, ids=[first]), trained.deletions.submit(fails_late),
+               submit(trained, ids=[last], idempotency_key="late")]
+    held.release()
+    a, b = futures[0].result(60), futures[2].result(60)
+    with pytest.raises(RuntimeError, match="failed after"):
+        futures[1].result(60)
+    assert trained.deletions.batches == held.batches + 1
+    assert b.deleted == (last,), "the key of the rolled-back request was free: a new request, not a replay"
+    rows = trained.registry.ledger_entries()[len(before):]
+    assert [r["request_id"] for r in rows] == [a.request_id, b.request_id]
+    assert [r["seq"] for r in rows] == [len(before) + 1, len(before) + 2]
+    assert rows[1]["prev_hash"] == rows[0]["entry_hash"]
+    with trained.registry.engine.connect() as conn:
+        head = trained.registry.ledger_recorded_head(conn)
+        keys = conn.execute(select(idempotency.c.key, idempotency.c.request_id)).all()
+    assert ledger.verify_chain(trained.registry.ledger_entries(), ledger.load_public_key(trained.public_key()),
+                               head=head) == []
+    assert [tuple(k) for k in keys if k[0] == "late"] == [("late", b.request_id)]
+    located = trained.registry.locate([doomed])
+    assert not located[doomed][2], "the rolled-back request's record is live"
+    slot = trained.registry.key_slots([doomed])[doomed]
+    assert trained.registry.keys.keys([slot])[slot] is not None
