@@ -38,6 +38,9 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+
 from . import ledger
 from .registry import Registry
 from .unlearning import Receipt, apply
@@ -309,6 +312,46 @@ class Batch:
         self._keys_checked: set[str] = set()
 
 
+class _Savepoint:
+    """Each request's savepoint, opened just before its first write (any statement but a SELECT) on the
+    batch's connection: most requests write nothing at once (their writes are staged), so they need no
+    SAVEPOINT and RELEASE (two round trips each on PostgreSQL). Rolling a request back to a savepoint
+    opened at its first write undoes what rolling back to one opened at its start would: reads leave
+    nothing to undo."""
+
+    NAME = "s3t_request"
+
+    def __init__(self, conn) -> None:
+        self.conn, self.armed, self.open = conn, False, False
+        event.listen(conn, "before_cursor_execute", self._before)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self.armed and not self.open and statement.lstrip()[:6].upper() != "SELECT":
+            self.open = True
+            cursor.execute(f"SAVEPOINT {self.NAME}")
+
+    def arm(self) -> None:
+        """A request starts: its first write opens its savepoint."""
+        self.armed, self.open = True, False
+
+    def release(self) -> None:
+        self.armed = False
+        if self.open:
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {self.NAME}")
+
+    def rollback(self) -> bool:
+        """Undo the request's writes; False if it wrote nothing (no savepoint was opened)."""
+        self.armed = False
+        if self.open:
+            self.conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {self.NAME}")
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {self.NAME}")
+        return self.open
+
+    def close(self) -> None:
+        self.armed = False
+        event.remove(self.conn, "before_cursor_execute", self._before)
+
+
 @dataclass
 class _Request:
     work: Callable[[Batch], Any]
@@ -436,19 +479,24 @@ class DeletionQueue:
         batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
                        keys=[k for r in requests for k in r.hints[1]],
                        tokens=[t for r in requests for t in r.hints[2]])
-        for r in requests:
-            mark = batch._mark()
-            # A savepoint per request, in SQL (SQLAlchemy's begin_nested compiles one per call: a hot path).
-            conn.exec_driver_sql("SAVEPOINT s3t_request")
-            try:
-                r.outcome = (True, r.work(batch))
-            except Exception as exc:   # rolled back to its savepoint: the others go on
-                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT s3t_request")
-                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
-                batch._rewind(mark)
-                r.outcome = (False, exc)
-            else:
-                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
+        savepoint = _Savepoint(conn)
+        try:
+            for r in requests:
+                mark = batch._mark()
+                savepoint.arm()
+                try:
+                    r.outcome = (True, r.work(batch))
+                except Exception as exc:   # rolled back to its savepoint: the others go on
+                    if not savepoint.rollback() and isinstance(exc, DBAPIError):
+                        # A statement failed with no savepoint to return to: on PostgreSQL the transaction
+                        # is aborted. Fail the batch; `_commit` retries each request alone.
+                        raise
+                    batch._rewind(mark)
+                    r.outcome = (False, exc)
+                else:
+                    savepoint.release()
+        finally:
+            savepoint.close()
         batch.flush()
         # Shred derived copies before the commit, and hold them off until it is done (module docstring).
         if batch.erased:
