@@ -8,7 +8,8 @@ them in the next transaction:
     queue = DeletionQueue(registry, ledger_key, erase_derived=..., after_commit=...)
     receipt = queue.submit(lambda batch: batch.delete(ids=["r1"])).result()
 
-Each request is a unit of work run against the batch's `Batch` inside a savepoint, in arrival order, so
+Each request is a unit of work run against the batch's `Batch` in its own savepoint (opened at its first
+immediate write: `_Savepoint`; most writes are staged for the batch's flush), in arrival order, so
 every request sees what the ones before it did (a record deleted earlier in the batch is "already
 deleted"; the service's guard and quotas count the requests ahead of it), and a request that fails
 (an idempotency conflict, a lineage check, a quota) rolls back alone while the others go on. Each gets
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256   # requests per transaction: bounds a batch's latency and its transaction's size
-_UNREAD = object()
+_UNREAD = object()   # a cached read not made yet (None is a value: an empty ledger has no head)
 
 
 class Batch:

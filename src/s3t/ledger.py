@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
     from .registry import Registry
 
-__all__ = ["GENESIS", "EXPORT_FORMAT", "append", "next_entry", "canonical", "entry_of", "chain_unchained", "verify_chain",
-           "export", "verify_export", "verify_receipt", "create_signing_key", "load_signing_key", "public_key_pem",
+__all__ = ["GENESIS", "EXPORT_FORMAT", "append", "next_entry", "canonical", "entry_of", "chain_unchained",
+           "verify_chain", "export", "verify_export", "verify_receipt", "create_signing_key", "load_signing_key", "public_key_pem",
            "load_public_key", "key_id"]
 
 GENESIS = "0" * 64                 # the `prev` of the first entry

@@ -230,7 +230,8 @@ COUNT = (update(cells).where(cells.c.shard == bindparam("m"), cells.c.slice == b
 IDEMPOTENT = select(idempotency).where(_in(idempotency.c.key, "keys"))
 FLAGGED_KEYS = select(flagged.c.idempotency_key).where(_in(flagged.c.idempotency_key, "keys"))
 TOKENS_REVOKED = select(tokens.c.id, tokens.c.revoked_at).where(_in(tokens.c.id, "ids"))
-USAGE = select(token_usage.c.used).where(token_usage.c.token_id == bindparam("token"), token_usage.c.day == bindparam("day"))
+USAGE = select(token_usage.c.used).where(token_usage.c.token_id == bindparam("token"),
+                                         token_usage.c.day == bindparam("day"))
 SERVED = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
 LEDGER_HEAD_ROW = (select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
                    .order_by(ledger.c.seq.desc()).limit(1))
