@@ -174,7 +174,8 @@ def main() -> None:
     from servicekit import Server, make_token
 
     results: dict = {"records": args.records, "seconds_per_point": args.seconds, "clients": args.clients,
-                     "cpus": os.cpu_count(), "points": []}
+                     "cpus": os.cpu_count(), "points": [],
+                     "load_average": {"start": [round(x, 2) for x in os.getloadavg()]}}   # other jobs' share
     with tempfile.TemporaryDirectory(prefix="s3t-scale-") as tmp:
         tmp = Path(tmp)
         pg_folder, url = None, args.postgres_url
@@ -230,6 +231,7 @@ def main() -> None:
             if "per-request commit" in rate and "group commit" in rate:
                 results.setdefault("speedup", {}).setdefault(database, {})[str(clients)] = round(
                     rate["group commit"] / max(rate["per-request commit"], 1e-9), 1)
+    results["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results.get("speedup", {}), indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True))

@@ -215,3 +215,89 @@ def test_a_batch_appends_one_signed_entry_per_request_in_order_and_a_rolled_back
     public = ledger.load_public_key(trained.public_key())
     assert ledger.verify_chain(rows, public, head=head) == []
     assert head == (new[-1]["seq"], new[-1]["entry_hash"])
+
+
+def test_a_request_that_fails_after_its_ledger_entry_was_staged_leaves_no_entry_and_no_key(trained):
+    """The entry, erasure and idempotency key of a request are staged in the batch, written at its flush:
+    a request that fails after `delete` returned (here: its own code raises) drops all three, the next
+    request's entry links to the entry before it, and its key stays free for a new request."""
+    from s3t import ledger
+
+    by_cell = cells(trained)
+    first, doomed, last = by_cell[1, 0][0], by_cell[1, 0][1], by_cell[1, 1][0]
+    before = trained.registry.ledger_entries()
+
+    def fails_late(batch):
+        batch.delete(ids=[doomed], idempotency_key="late")
+        raise RuntimeError("the caller failed after the deletion was applied in the batch")
+
+    held = Held(trained)
+    futures = [submit(trained, ids=[first]), trained.deletions.submit(fails_late),
+               submit(trained, ids=[last], idempotency_key="late")]
+    held.release()
+    a, b = futures[0].result(60), futures[2].result(60)
+    with pytest.raises(RuntimeError, match="failed after"):
+        futures[1].result(60)
+    assert trained.deletions.batches == held.batches + 1
+    assert b.deleted == (last,), "the key of the rolled-back request was free: a new request, not a replay"
+    rows = trained.registry.ledger_entries()[len(before):]
+    assert [r["request_id"] for r in rows] == [a.request_id, b.request_id]
+    assert [r["seq"] for r in rows] == [len(before) + 1, len(before) + 2]
+    assert rows[1]["prev_hash"] == rows[0]["entry_hash"]
+    with trained.registry.engine.connect() as conn:
+        head = trained.registry.ledger_recorded_head(conn)
+        keys = conn.execute(select(idempotency.c.key, idempotency.c.request_id)).all()
+    assert ledger.verify_chain(trained.registry.ledger_entries(), ledger.load_public_key(trained.public_key()),
+                               head=head) == []
+    assert [tuple(k) for k in keys if k[0] == "late"] == [("late", b.request_id)]
+    located = trained.registry.locate([doomed])
+    assert not located[doomed][2], "the rolled-back request's record is live"
+    slot = trained.registry.key_slots([doomed])[doomed]
+    assert trained.registry.keys.keys([slot])[slot] is not None
+
+
+def test_a_request_that_wrote_at_once_and_then_failed_rolls_its_writes_back(trained):
+    """A request's immediate writes (a truncated order's depth, a new served set, retired stages: the first
+    deletion to hit a cell makes all three) are undone when it fails later, by the savepoint its first
+    write opened; the request after it in the batch finds the registry as it was."""
+    by_cell = cells(trained)
+    doomed, other = by_cell[0, 1][0], by_cell[1, 0][0]
+    served, orders, registered = trained.served(), trained.registry.orders(), trained.registry.artifact_lineages()
+
+    def fails_late(batch):
+        receipt = batch.delete(ids=[doomed])
+        assert receipt.retired_artifacts and receipt.served_version == served[0] + 1   # it did write
+        raise RuntimeError("the caller failed after its deletion was applied in the batch")
+
+    held = Held(trained)
+    futures = [trained.deletions.submit(fails_late), submit(trained, ids=[other])]
+    held.release()
+    with pytest.raises(RuntimeError, match="failed after"):
+        futures[0].result(60)
+    after = futures[1].result(60)
+    assert trained.deletions.batches == held.batches + 1
+    assert after.served_version == served[0] + 1, "the failed request's served set was rolled back"
+    assert trained.registry.artifact_lineages() == registered - set(after.retired_artifacts)
+    shard0 = [o for o in trained.registry.orders() if o["shard"] == 0]
+    assert shard0 == [o for o in orders if o["shard"] == 0], "shard 0's depths are as they were"
+    assert not trained.registry.locate([doomed])[doomed][2]
+
+
+def test_a_request_whose_read_fails_in_the_database_fails_alone(trained):
+    """A failed statement before any write (no savepoint open yet) aborts a PostgreSQL transaction: the
+    batch is retried request by request, so it still fails alone and the others are applied."""
+    by_cell = cells(trained)
+    first, last = by_cell[1, 0][0], by_cell[1, 1][0]
+
+    def bad_read(batch):
+        batch.conn.exec_driver_sql("SELECT no_such_column FROM records")
+
+    held = Held(trained)
+    futures = [submit(trained, ids=[first]), trained.deletions.submit(bad_read), submit(trained, ids=[last])]
+    held.release()
+    assert futures[0].result(60).deleted == (first,) and futures[2].result(60).deleted == (last,)
+    with pytest.raises(Exception, match="no_such_column"):
+        futures[1].result(60)
+    located = trained.registry.locate([first, last])
+    assert located[first][2] and located[last][2]
+    assert len(trained.receipts()) == 2

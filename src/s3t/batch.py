@@ -8,7 +8,8 @@ them in the next transaction:
     queue = DeletionQueue(registry, ledger_key, erase_derived=..., after_commit=...)
     receipt = queue.submit(lambda batch: batch.delete(ids=["r1"])).result()
 
-Each request is a unit of work run against the batch's `Batch` inside a savepoint, in arrival order, so
+Each request is a unit of work run against the batch's `Batch` in its own savepoint (opened at its first
+immediate write: `_Savepoint`; most writes are staged for the batch's flush), in arrival order, so
 every request sees what the ones before it did (a record deleted earlier in the batch is "already
 deleted"; the service's guard and quotas count the requests ahead of it), and a request that fails
 (an idempotency conflict, a lineage check, a quota) rolls back alone while the others go on. Each gets
@@ -28,6 +29,7 @@ The queue never waits for company: the writer takes whatever is queued when it b
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -36,6 +38,9 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 
 from . import ledger
 from .registry import Registry
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_BATCH = 256   # requests per transaction: bounds a batch's latency and its transaction's size
+_UNREAD = object()   # a cached read not made yet (None is a value: an empty ledger has no head)
 
 
 class Batch:
@@ -56,12 +62,13 @@ class Batch:
     also the deletion path's view of the registry inside that transaction: what it reads (records, the
     served set, orders, capacities, idempotency keys) is read once and kept in step with its own writes,
     since nothing else writes while the transaction holds the write lock; the writes every request makes
-    (erasing its records, its idempotency key, its usage count) are staged and written in one statement
-    each by `flush`, before the commit. Its ledger entry goes to the database at once, in its savepoint
-    (`ledger.append` links it to the chain's head, so entries are chained in request order), and so do
-    rarer writes (a depth, a served set, retired stages). A request that fails is rewound: its staged
-    writes are dropped, its immediate ones (its ledger entry included) rolled back to its savepoint, and
-    the cached reads re-read.
+    (its signed ledger entry, erasing its records, its idempotency key, its usage count) are staged and
+    written in one statement each by `flush`, before the commit. Ledger entries are built and signed
+    when staged, each linked to the one staged before it (`ledger.next_entry`), so they are chained in
+    request order. Rarer writes (a depth, a served set, retired stages) go to the database at once, in
+    the request's savepoint. A request that fails is rewound: its staged writes are dropped (its ledger
+    entry too: the next request links to the entry before it, so the chain has no gap), its immediate
+    ones rolled back to its savepoint, and the cached reads re-read.
     """
 
     def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
@@ -69,6 +76,7 @@ class Batch:
         self.erased: list[str] = []       # records whose derived copies are shredded before the commit
         self.key_slots: list[int] = []    # keys destroyed after the commit
         self.receipts: list[Receipt] = []
+        self._ledger: list[dict] = []                # staged: ledger rows, in chain order
         self._erase: list[tuple[dict, str]] = []     # staged: (record row, request id)
         self._keys: list[dict] = []                  # staged idempotency keys
         self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
@@ -205,7 +213,11 @@ class Batch:
         return self._idempotent[key]
 
     def receipt(self, request_id: str) -> dict | None:
-        """A stored receipt (this batch's ledger entries included: they are written at once)."""
+        """A stored receipt, this batch's staged ledger entries included (as `Registry.receipt_in` will
+        read them once written)."""
+        for row in self._ledger:
+            if row["request_id"] == request_id:
+                return json.loads(row["receipt"])
         return self.registry.receipt_in(self.conn, request_id)
 
     def seen(self, record_ids: Sequence[str]) -> set[str]:
@@ -236,10 +248,19 @@ class Batch:
                 cached["deleted_in"] = request_id
 
     def add_ledger_entry(self, receipt: dict) -> dict:
-        """Append the request's signed entry to the ledger's hash chain (`ledger.append`), now and in order:
-        in the request's savepoint, so a request rolled back leaves no entry, and the next one links to
-        the entry before it (no gap)."""
-        return ledger.append(self.registry, self.conn, receipt, signing_key=self.signing_key)
+        """Stage the request's signed entry at the end of the ledger's hash chain (`ledger.next_entry`),
+        linked to the entry staged before it, or to the stored head (read once per batch); returns
+        {seq, prev, entry_hash}. A request rolled back drops its entry, so the next one links to the
+        entry before it (no gap)."""
+        if self._ledger:
+            head = (self._ledger[-1]["seq"], self._ledger[-1]["entry_hash"])
+        else:
+            if self._ledger_head is _UNREAD:
+                self._ledger_head = self.registry.ledger_head(self.conn)
+            head = self._ledger_head
+        row = ledger.next_entry(head, receipt, signing_key=self.signing_key)
+        self._ledger.append(row)
+        return {"seq": row["seq"], "prev": row["prev_hash"], "entry_hash": row["entry_hash"]}
 
     def add_idempotent(self, key: str, fingerprint: str, request_id: str, created_at: str) -> None:
         row = {"key": key, "fingerprint": fingerprint, "request_id": request_id, "created_at": created_at}
@@ -252,6 +273,7 @@ class Batch:
     def flush(self) -> None:
         """Write the staged writes, one statement per kind (before the commit)."""
         reg, conn = self.registry, self.conn
+        reg.add_ledger_entries(conn, self._ledger)
         reg.erase_many(conn, self._erase)
         reg.add_idempotent_many(conn, self._keys)
         totals: dict[tuple[str, str], int] = {}
@@ -262,13 +284,13 @@ class Batch:
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
-        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._erase), len(self._keys),
-                len(self._usage))
+        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._ledger), len(self._erase),
+                len(self._keys), len(self._usage))
 
     def _rewind(self, mark: tuple[int, ...]) -> None:
         """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
-        for items, n in zip((self.erased, self.key_slots, self.receipts, self._erase, self._keys, self._usage),
-                            mark):
+        for items, n in zip((self.erased, self.key_slots, self.receipts, self._ledger, self._erase, self._keys,
+                             self._usage), mark):
             del items[n:]
         self._forget()
         ids, keys, tokens = self._hints
@@ -279,6 +301,7 @@ class Batch:
         self._erased_by = {row["id"]: request_id for row, request_id in self._erase}
         self._records: dict[str, dict | None] = {}
         self._served: tuple[int, list[dict]] | None = None
+        self._ledger_head: tuple[int, str] | None | object = _UNREAD   # the stored head (staged entries follow it)
         self._orders: dict[int, list[dict]] = {}
         self._capacity: dict[int, int] | None = None
         self._idempotent: dict[str, dict | None] = {row["key"]: row for row in self._keys}
@@ -288,6 +311,46 @@ class Batch:
         self._retired: set[str] = set()                  # retired in this batch
         self._flag_keys: set[str] = set()
         self._keys_checked: set[str] = set()
+
+
+class _Savepoint:
+    """Each request's savepoint, opened just before its first write (any statement but a SELECT) on the
+    batch's connection: most requests write nothing at once (their writes are staged), so they need no
+    SAVEPOINT and RELEASE (two round trips each on PostgreSQL). Rolling a request back to a savepoint
+    opened at its first write undoes what rolling back to one opened at its start would: reads leave
+    nothing to undo."""
+
+    NAME = "s3t_request"
+
+    def __init__(self, conn) -> None:
+        self.conn, self.armed, self.open = conn, False, False
+        event.listen(conn, "before_cursor_execute", self._before)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self.armed and not self.open and statement.lstrip()[:6].upper() != "SELECT":
+            self.open = True
+            cursor.execute(f"SAVEPOINT {self.NAME}")
+
+    def arm(self) -> None:
+        """A request starts: its first write opens its savepoint."""
+        self.armed, self.open = True, False
+
+    def release(self) -> None:
+        self.armed = False
+        if self.open:
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {self.NAME}")
+
+    def rollback(self) -> bool:
+        """Undo the request's writes; False if it wrote nothing (no savepoint was opened)."""
+        self.armed = False
+        if self.open:
+            self.conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {self.NAME}")
+            self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {self.NAME}")
+        return self.open
+
+    def close(self) -> None:
+        self.armed = False
+        event.remove(self.conn, "before_cursor_execute", self._before)
 
 
 @dataclass
@@ -417,19 +480,24 @@ class DeletionQueue:
         batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
                        keys=[k for r in requests for k in r.hints[1]],
                        tokens=[t for r in requests for t in r.hints[2]])
-        for r in requests:
-            mark = batch._mark()
-            # A savepoint per request, in SQL (SQLAlchemy's begin_nested compiles one per call: a hot path).
-            conn.exec_driver_sql("SAVEPOINT s3t_request")
-            try:
-                r.outcome = (True, r.work(batch))
-            except Exception as exc:   # rolled back to its savepoint: the others go on
-                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT s3t_request")
-                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
-                batch._rewind(mark)
-                r.outcome = (False, exc)
-            else:
-                conn.exec_driver_sql("RELEASE SAVEPOINT s3t_request")
+        savepoint = _Savepoint(conn)
+        try:
+            for r in requests:
+                mark = batch._mark()
+                savepoint.arm()
+                try:
+                    r.outcome = (True, r.work(batch))
+                except Exception as exc:   # rolled back to its savepoint: the others go on
+                    if not savepoint.rollback() and isinstance(exc, DBAPIError):
+                        # A statement failed with no savepoint to return to: on PostgreSQL the transaction
+                        # is aborted. Fail the batch; `_commit` retries each request alone.
+                        raise
+                    batch._rewind(mark)
+                    r.outcome = (False, exc)
+                else:
+                    savepoint.release()
+        finally:
+            savepoint.close()
         batch.flush()
         # Shred derived copies before the commit, and hold them off until it is done (module docstring).
         if batch.erased:

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
     from .registry import Registry
 
-__all__ = ["GENESIS", "EXPORT_FORMAT", "append", "canonical", "entry_of", "chain_unchained", "verify_chain",
-           "export", "verify_export", "verify_receipt", "create_signing_key", "load_signing_key", "public_key_pem",
+__all__ = ["GENESIS", "EXPORT_FORMAT", "append", "next_entry", "canonical", "entry_of", "chain_unchained",
+           "verify_chain", "export", "verify_export", "verify_receipt", "create_signing_key", "load_signing_key", "public_key_pem",
            "load_public_key", "key_id"]
 
 GENESIS = "0" * 64                 # the `prev` of the first entry
@@ -62,18 +62,24 @@ def append(registry: "Registry", conn: "Connection", receipt: dict, *, kind: str
     """Append one entry to the ledger in the caller's write transaction; returns {seq, prev, entry_hash}.
 
     Call it once per request, in the order the requests are applied, inside the transaction that applies
-    them (a batch of requests calls it once for each): the chain's head is read and extended under the
-    write lock, so two writers can never both extend the same head.
+    them: the chain's head is read and extended under the write lock, so two writers can never both
+    extend the same head. (A group commit builds its entries with `next_entry` and writes them at once.)
     """
-    head = registry.ledger_head(conn)
+    row = next_entry(registry.ledger_head(conn), receipt, kind=kind, signing_key=signing_key)
+    registry.add_ledger_entries(conn, [row])
+    return {"seq": row["seq"], "prev": row["prev_hash"], "entry_hash": row["entry_hash"]}
+
+
+def next_entry(head: tuple[int, str] | None, receipt: dict, *, kind: str = "deletion",
+               signing_key: "Ed25519PrivateKey | None" = None) -> dict:
+    """The ledger row that extends the chain whose last entry is `head` ((seq, entry_hash), None if empty)
+    with `receipt`, signed: what `Registry.add_ledger_entries` writes. Its (seq, entry_hash) is the next head."""
     seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-    entry = {"format": ENTRY_FORMAT, "seq": seq, "prev": prev, "kind": kind, "receipt": receipt}
-    body = canonical(entry)
-    digest = hashlib.sha256(body).hexdigest()
-    registry.add_ledger_entry(conn, request_id=receipt["request_id"], created_at=receipt["created_at"],
-                              receipt=receipt, seq=seq, kind=kind, prev_hash=prev, entry_hash=digest,
-                              signature=signing_key.sign(body).hex() if signing_key is not None else None)
-    return {"seq": seq, "prev": prev, "entry_hash": digest}
+    body = canonical({"format": ENTRY_FORMAT, "seq": seq, "prev": prev, "kind": kind, "receipt": receipt})
+    return {"request_id": receipt["request_id"], "created_at": receipt["created_at"],
+            "receipt": json.dumps(receipt, sort_keys=True), "seq": seq, "kind": kind, "prev_hash": prev,
+            "entry_hash": hashlib.sha256(body).hexdigest(),
+            "signature": signing_key.sign(body).hex() if signing_key is not None else None}
 
 
 def chain_unchained(registry: "Registry", conn: "Connection", *,

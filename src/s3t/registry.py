@@ -209,6 +209,36 @@ LEDGER_HEAD = "ledger.head"   # meta: "seq:entry_hash" of the last appended ledg
 ABANDONED_SLOTS = "keys.abandoned"   # meta: key slots (destroyed) whose records were re-added under new keys
 
 
+def _in(column, name: str):
+    """`column IN (:name)`, the list given at execution (SQLAlchemy renders it into the cached statement)."""
+    return column.in_(bindparam(name, expanding=True))
+
+
+# The group commit's statements, built once: SQLAlchemy otherwise builds and hashes a statement on every
+# call, which cost more CPU than SQLite's work for these lookups (a few per batch, and its flush).
+RECORD_COLUMNS = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
+                  records.c.deleted_in, records.c.generation)
+FIND_BY = {"id": select(*RECORD_COLUMNS).where(_in(records.c.id, "values")),
+           "subject_digest": select(*RECORD_COLUMNS).where(_in(records.c.subject_digest, "values"))}
+SAW = (select(lineage.c.record_id, lineage.c.artifact, artifacts.c.lineage.is_not(None))
+       .select_from(lineage.outerjoin(artifacts, artifacts.c.lineage == lineage.c.artifact))
+       .where(_in(lineage.c.record_id, "ids")))
+ERASE = (update(records).where(records.c.id == bindparam("rid"))
+         .values(input=None, target=None, deleted_in=bindparam("request")))
+COUNT = (update(cells).where(cells.c.shard == bindparam("m"), cells.c.slice == bindparam("s"))
+         .values(live=cells.c.live + bindparam("n")))
+IDEMPOTENT = select(idempotency).where(_in(idempotency.c.key, "keys"))
+FLAGGED_KEYS = select(flagged.c.idempotency_key).where(_in(flagged.c.idempotency_key, "keys"))
+TOKENS_REVOKED = select(tokens.c.id, tokens.c.revoked_at).where(_in(tokens.c.id, "ids"))
+USAGE = select(token_usage.c.used).where(token_usage.c.token_id == bindparam("token"),
+                                         token_usage.c.day == bindparam("day"))
+SERVED = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
+LEDGER_HEAD_ROW = (select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
+                   .order_by(ledger.c.seq.desc()).limit(1))
+META_DELETE = meta.delete().where(meta.c.key == bindparam("k"))
+META_INSERT = meta.insert().values(key=bindparam("k"), value=bindparam("v"))
+
+
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock class that serialises writers on PostgreSQL
 PG_NAMED_LOCK = 0x53334C4B   # "S3LK": the class of `Registry.lock` (e.g. one trainer per run)
 ALL_TOKENS = "*"              # guard_usage's row for every token together
@@ -250,12 +280,6 @@ def _sqlite_begin(conn: Connection) -> None:
 def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
     for start in range(0, len(values), size):
         yield values[start:start + size]
-
-
-def _among(column, values: Sequence):
-    """`column IN values`, as `column = value` for one value: a statement SQLAlchemy compiles once and
-    caches (an IN list is expanded per call), which is the deletion path's common case."""
-    return column == values[0] if len(values) == 1 else column.in_(list(values))
 
 
 def _require_psycopg(url: str) -> None:
@@ -338,6 +362,10 @@ class Registry:
             self.engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+        # A deletion's usage count (once per group commit), built once for this database's dialect.
+        q = (pg_dialect if self.postgres else sqlite_dialect).insert(token_usage)
+        self._add_usage = q.on_conflict_do_update(index_elements=[token_usage.c.token_id, token_usage.c.day],
+                                                  set_={"used": token_usage.c.used + q.excluded.used})
 
     @staticmethod
     def prepare(url: str, schema: str | None) -> None:
@@ -418,8 +446,8 @@ class Registry:
             return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
 
     def set_meta(self, conn: Connection, key: str, value: str) -> None:
-        conn.execute(meta.delete().where(meta.c.key == key))
-        conn.execute(meta.insert().values(key=key, value=value))
+        conn.execute(META_DELETE, {"k": key})
+        conn.execute(META_INSERT, {"k": key, "v": value})
 
     def delete_meta(self, conn: Connection, key: str, *, if_value: str | None = None) -> None:
         q = meta.delete().where(meta.c.key == key)
@@ -462,9 +490,8 @@ class Registry:
         changes: dict[tuple[int, int], int] = defaultdict(int)
         for row in rows:
             changes[row["shard"], row["slice"]] += sign
-        for (shard, slice_), n in changes.items():
-            conn.execute(cells.update().where(cells.c.shard == shard, cells.c.slice == slice_)
-                         .values(live=cells.c.live + n))
+        if changes := [{"m": shard, "s": slice_, "n": n} for (shard, slice_), n in changes.items() if n]:
+            conn.execute(COUNT, changes)
 
     def live_members(self, shard: int) -> dict[int, list[str]]:
         """Live record ids of each slice of a shard, sorted."""
@@ -505,11 +532,9 @@ class Registry:
         """Rows {id, subject_digest, key_slot, shard, slice, deleted_in, generation} for the given ids and
         subjects' digests, by index lookups only."""
         found: dict[str, dict] = {}
-        cols = (records.c.id, records.c.subject_digest, records.c.key_slot, records.c.shard, records.c.slice,
-                records.c.deleted_in, records.c.generation)
-        for column, values in ((records.c.id, list(ids)), (records.c.subject_digest, list(subject_digests))):
+        for column, values in (("id", list(ids)), ("subject_digest", list(subject_digests))):
             for chunk in _chunks(values):
-                for row in conn.execute(select(*cols).where(_among(column, chunk))):
+                for row in conn.execute(FIND_BY[column], {"values": list(chunk)}).all():
                     found[row.id] = row._asdict()
         return list(found.values())
 
@@ -519,9 +544,7 @@ class Registry:
         this commits)."""
         if not erased:
             return
-        conn.execute(records.update().where(records.c.id == bindparam("rid"))
-                     .values(input=None, target=None, deleted_in=bindparam("request")),
-                     [{"rid": row["id"], "request": request_id} for row, request_id in erased])
+        conn.execute(ERASE, [{"rid": row["id"], "request": request_id} for row, request_id in erased])
         self._count(conn, [row for row, _ in erased], -1)
 
     def saw(self, conn: Connection, record_ids: Sequence[str]) -> dict[str, dict[str, bool]]:
@@ -530,10 +553,7 @@ class Registry:
         retirement in one read. Ids no artifact saw map to {}."""
         out: dict[str, dict[str, bool]] = {rid: {} for rid in record_ids}
         for chunk in _chunks(list(record_ids)):
-            q = (select(lineage.c.record_id, lineage.c.artifact, artifacts.c.lineage.is_not(None))
-                 .select_from(lineage.outerjoin(artifacts, artifacts.c.lineage == lineage.c.artifact))
-                 .where(_among(lineage.c.record_id, chunk)))
-            for rid, artifact, registered in conn.execute(q):
+            for rid, artifact, registered in conn.execute(SAW, {"ids": list(chunk)}).all():
                 out[rid][artifact] = bool(registered)
         return out
 
@@ -793,7 +813,7 @@ class Registry:
     # -- served sets --------------------------------------------------------------------------------
     def served(self, conn: Connection | None = None) -> tuple[int, list[dict]]:
         """(version, components) of the current served set; (0, []) before training."""
-        q = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
+        q = SERVED
         if conn is not None:
             row = conn.execute(q).first()
         else:
@@ -809,16 +829,15 @@ class Registry:
     # -- ledger (appended to by s3t.ledger.append: a signed hash chain) -------------------------------
     def ledger_head(self, conn: Connection) -> tuple[int, str] | None:
         """(seq, entry_hash) of the last chained ledger entry, or None if there is none."""
-        row = conn.execute(select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
-                           .order_by(ledger.c.seq.desc()).limit(1)).first()
+        row = conn.execute(LEDGER_HEAD_ROW).first()
         return (row.seq, row.entry_hash) if row else None
 
-    def add_ledger_entry(self, conn: Connection, *, request_id: str, created_at: str, receipt: dict, seq: int,
-                         kind: str, prev_hash: str, entry_hash: str, signature: str | None) -> None:
-        conn.execute(ledger.insert().values(request_id=request_id, created_at=created_at, seq=seq, kind=kind,
-                                            receipt=json.dumps(receipt, sort_keys=True), prev_hash=prev_hash,
-                                            entry_hash=entry_hash, signature=signature))
-        self.set_meta(conn, LEDGER_HEAD, f"{seq}:{entry_hash}")   # exposes entries later removed from the end
+    def add_ledger_entries(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Write chained entries (`ledger.next_entry` rows, in chain order) in one statement, and record
+        the last one as the head (exposes entries later removed from the end)."""
+        if rows:
+            conn.execute(ledger.insert(), list(rows))
+            self.set_meta(conn, LEDGER_HEAD, f"{rows[-1]['seq']}:{rows[-1]['entry_hash']}")
 
     def chain_entry(self, conn: Connection, request_id: str, *, seq: int, kind: str, prev_hash: str,
                     entry_hash: str, signature: str | None) -> None:
@@ -898,24 +917,21 @@ class Registry:
         """`idempotent` for many keys (one query per 900): {key: row or None}."""
         out: dict[str, dict | None] = {k: None for k in keys}
         for chunk in _chunks(list(keys)):
-            out.update((row.key, row._asdict()) for row in conn.execute(select(idempotency)
-                                                                        .where(_among(idempotency.c.key, chunk))))
+            out.update((row.key, row._asdict()) for row in conn.execute(IDEMPOTENT, {"keys": list(chunk)}).all())
         return out
 
     def flagged_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         """Which of these idempotency keys a flagged (held) request was made under."""
         found: set[str] = set()
         for chunk in _chunks(list(keys)):
-            found.update(conn.execute(select(flagged.c.idempotency_key)
-                                      .where(_among(flagged.c.idempotency_key, chunk))).scalars())
+            found.update(conn.execute(FLAGGED_KEYS, {"keys": list(chunk)}).scalars().all())
         return found
 
     def revoked_tokens(self, conn: Connection, token_ids: Sequence[str]) -> dict[str, bool]:
         """`token_revoked` for many tokens: {token id: revoked or unknown}."""
         out = {t: True for t in token_ids}
         for chunk in _chunks(list(token_ids)):
-            for tid, revoked_at in conn.execute(select(tokens.c.id, tokens.c.revoked_at)
-                                                .where(_among(tokens.c.id, chunk))):
+            for tid, revoked_at in conn.execute(TOKENS_REVOKED, {"ids": list(chunk)}).all():
                 out[tid] = revoked_at is not None
         return out
 
@@ -971,15 +987,15 @@ class Registry:
         return done.rowcount > 0
 
     def usage(self, token_id: str, day: str, conn: Connection | None = None) -> int:
-        q = select(token_usage.c.used).where(token_usage.c.token_id == token_id, token_usage.c.day == day)
+        params = {"token": token_id, "day": day}
         if conn is not None:
-            return conn.execute(q).scalar() or 0
+            return conn.execute(USAGE, params).scalar() or 0
         with self.engine.connect() as c:
-            return c.execute(q).scalar() or 0
+            return c.execute(USAGE, params).scalar() or 0
 
     def add_usage(self, conn: Connection, token_id: str, day: str, items: int) -> None:
         """Count `items` (negative: take them back) towards a token's usage of `day`."""
-        self.upsert(conn, token_usage, dict(token_id=token_id, day=day, used=items), add=["used"])
+        conn.execute(self._add_usage, {"token_id": token_id, "day": day, "used": items})
 
     # -- flagged deletion requests ------------------------------------------------------------------
     def add_flagged(self, conn: Connection, *, request: str | None = None, **row) -> None:
