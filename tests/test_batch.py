@@ -301,3 +301,37 @@ def test_a_request_whose_read_fails_in_the_database_fails_alone(trained):
     located = trained.registry.locate([first, last])
     assert located[first][2] and located[last][2]
     assert len(trained.receipts()) == 2
+
+
+class MaskedError(Exception):
+    """What a request's own code may turn a database error into."""
+
+
+@pytest.mark.parametrize("masking", ["re-raised as another exception", "caught and swallowed"])
+def test_a_request_that_hides_a_failed_statement_cannot_get_the_batch_acknowledged_unwritten(trained, masking):
+    """On PostgreSQL a failed statement aborts the transaction even when the request catches it, and a
+    COMMIT then rolls back without an error: every acknowledgement in the batch would be a lie. The batch
+    must notice, and be retried request by request: the honest request is applied, durably."""
+    from sqlalchemy.exc import DBAPIError
+
+    def writes_at_once(batch):   # like a review's rejection: immediate writes, nothing staged for the flush
+        batch.registry.set_meta(batch.conn, "test.honest", "written")
+        return "written"
+
+    def hides_a_failure(batch):
+        try:
+            batch.conn.exec_driver_sql("SELECT no_such_column FROM records")
+        except DBAPIError as exc:
+            if masking.startswith("re-raised"):
+                raise MaskedError("lookup failed") from exc
+        return "pretends all went well"
+
+    held = Held(trained)
+    honest, hiding = trained.deletions.submit(writes_at_once), trained.deletions.submit(hides_a_failure)
+    held.release()
+    assert honest.result(60) == "written"
+    try:
+        hiding.result(60)   # alone on SQLite (no aborted state) it may succeed; it must not take the batch down
+    except Exception:
+        pass
+    assert trained.registry.get_meta("test.honest") == "written", "acknowledged but not committed"

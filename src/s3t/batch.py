@@ -72,6 +72,8 @@ class Batch:
     """
 
     def __init__(self, registry: Registry, conn, key: bytes, *, signing_key=None) -> None:
+        # Write through `conn.execute`/`exec_driver_sql` only: a request's savepoint opens on the first write
+        # SQLAlchemy sees (`_Savepoint`); one made on the raw DBAPI connection would not be rolled back.
         self.registry, self.conn, self._key, self.signing_key = registry, conn, key, signing_key
         self.erased: list[str] = []       # records whose derived copies are shredded before the commit
         self.key_slots: list[int] = []    # keys destroyed after the commit
@@ -313,6 +315,10 @@ class Batch:
         self._keys_checked: set[str] = set()
 
 
+class TransactionAborted(RuntimeError):
+    """A request left the batch's transaction unable to commit (the queue then retries each request alone)."""
+
+
 class _Savepoint:
     """Each request's savepoint, opened just before its first write (any statement but a SELECT) on the
     batch's connection: most requests write nothing at once (their writes are staged), so they need no
@@ -328,8 +334,8 @@ class _Savepoint:
 
     def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
         if self.armed and not self.open and statement.lstrip()[:6].upper() != "SELECT":
-            self.open = True
             cursor.execute(f"SAVEPOINT {self.NAME}")
+            self.open = True
 
     def arm(self) -> None:
         """A request starts: its first write opens its savepoint."""
@@ -347,6 +353,17 @@ class _Savepoint:
             self.conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {self.NAME}")
             self.conn.exec_driver_sql(f"RELEASE SAVEPOINT {self.NAME}")
         return self.open
+
+    def aborted(self) -> bool:
+        """Whether the transaction is in a failed state: on PostgreSQL a failed statement, even one the
+        request caught, aborts it, and a COMMIT then rolls back without an error (psycopg 3 tells without a
+        round trip; SQLite has no such state)."""
+        info = getattr(self.conn.connection.driver_connection, "info", None)
+        if info is None:
+            return False
+        from psycopg import pq
+
+        return info.transaction_status == pq.TransactionStatus.INERROR
 
     def close(self) -> None:
         self.armed = False
@@ -488,13 +505,16 @@ class DeletionQueue:
                 try:
                     r.outcome = (True, r.work(batch))
                 except Exception as exc:   # rolled back to its savepoint: the others go on
-                    if not savepoint.rollback() and isinstance(exc, DBAPIError):
+                    if not savepoint.rollback() and (isinstance(exc, DBAPIError) or savepoint.aborted()):
                         # A statement failed with no savepoint to return to: on PostgreSQL the transaction
                         # is aborted. Fail the batch; `_commit` retries each request alone.
                         raise
                     batch._rewind(mark)
                     r.outcome = (False, exc)
                 else:
+                    if savepoint.aborted():   # it caught a failed statement: nothing after it would commit
+                        raise TransactionAborted("a deletion request caught a failed statement of its own, "
+                                                 "which aborted the transaction")
                     savepoint.release()
         finally:
             savepoint.close()
