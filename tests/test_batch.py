@@ -335,3 +335,24 @@ def test_a_request_that_hides_a_failed_statement_cannot_get_the_batch_acknowledg
     except Exception:
         pass
     assert trained.registry.get_meta("test.honest") == "written", "acknowledged but not committed"
+
+
+def test_a_batch_retried_after_a_read_error_leaves_no_live_key_behind(trained):
+    """The first attempt allocated a key for a held request's content, then rolled back: that key seals
+    nothing that was committed and must not stay live (the audit's erasure check would flag it)."""
+    from s3t.service import review
+
+    victim = cells(trained)[0, 0][0]
+
+    def bad_read(batch):
+        batch.conn.exec_driver_sql("SELECT no_such_column FROM records")
+
+    held = Held(trained)
+    hold = trained.deletions.submit(lambda b: review.hold(trained, b, token_id=None, ids=[victim], subjects=[],
+                                                          reference=None, reason="test"))
+    failing = trained.deletions.submit(bad_read)
+    held.release()
+    hold.result(60)
+    with pytest.raises(Exception, match="no_such_column"):
+        failing.result(60)
+    assert trained.audit().check("erasure").failures == ()

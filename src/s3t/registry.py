@@ -421,7 +421,14 @@ class Registry:
             with conn.begin():
                 if self.postgres:
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK}, {self._lock_space})")
-                yield conn
+                allocated = len(self.keys)   # no other writer allocates keys until this transaction ends
+                try:
+                    yield conn
+                except BaseException:
+                    # Rolled back: keys allocated here seal rows that will never exist. Destroy them while
+                    # the write lock still keeps other writers from allocating.
+                    self.keys.destroy(range(allocated, len(self.keys)))
+                    raise
 
     def lock(self, name: str) -> "AdvisoryLock":
         """A PostgreSQL session-level advisory lock for this run, named `name` (held across transactions,
