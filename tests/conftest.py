@@ -261,3 +261,16 @@ def trained_case(request, tmp_path, database) -> tuple[s3t.S3T, s3t.Dataset]:
     system = s3t.S3T.open(copy_run(request.getfixturevalue(source), tmp_path / "copy"))
     yield system, request.getfixturevalue(data)
     system.close()
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any training step fail loudly: for paths that must never train (deletion, adding records)."""
+    from s3t.training import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a path that must never train tried to")
+
+    monkeypatch.setattr(Trainer, "train_stage", refuse)
+    monkeypatch.setattr(Trainer, "train", refuse)
+    monkeypatch.setattr(Trainer, "prepare", refuse)

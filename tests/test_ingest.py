@@ -26,18 +26,6 @@ from test_exactness import assert_same_model, served_tensors
 TEXTS = ["shares rose at the bank", "the team won the match", "a new phone chip", "nothing in particular"]
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    from s3t.training import Trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("adding records tried to train")
-
-    monkeypatch.setattr(Trainer, "train_stage", refuse)
-    monkeypatch.setattr(Trainer, "train", refuse)
-    monkeypatch.setattr(Trainer, "prepare", refuse)
-
-
 def new_records(n: int, *, seed: int = 9, prefix: str = "new", subject: str | None = None) -> s3t.Dataset:
     """`n` records with ids that are not in the tiny data (`<prefix>-<k>`); the last one of `subject`."""
     base = list(datasets.synthetic(n, num_labels=3, seed=seed))

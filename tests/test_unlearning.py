@@ -16,19 +16,6 @@ from s3t.records import payload
 from s3t.registry import lineage, records
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Make any training step fail loudly: deletion must never reach it."""
-    from s3t.training import Trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the deletion path tried to train")
-
-    monkeypatch.setattr(Trainer, "train_stage", refuse)
-    monkeypatch.setattr(Trainer, "train", refuse)
-    monkeypatch.setattr(Trainer, "prepare", refuse)
-
-
 def run_bytes(system) -> bytes:
     """Every byte s3t keeps for the run: database (and any journal) plus all artifact files."""
     return b"".join(p.read_bytes() for p in sorted(system.run_dir.rglob("*")) if p.is_file())

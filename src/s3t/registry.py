@@ -758,20 +758,19 @@ class Registry:
 
     def artifacts_that_saw(self, conn: Connection, record_ids: Sequence[str]) -> set[str]:
         """Registered artifacts whose lineage contains any of `record_ids` (by index: no scan)."""
-        hits: set[str] = set()
-        for start in range(0, len(record_ids), 900):
-            chunk = list(record_ids[start:start + 900])
-            hits.update(conn.execute(select(lineage.c.artifact).distinct()
-                                     .join(artifacts, artifacts.c.lineage == lineage.c.artifact)
-                                     .where(lineage.c.record_id.in_(chunk))).scalars())
-        return hits
+        return self._lineage_hits(conn, lineage.c.artifact, record_ids)
 
     def seen(self, conn: Connection, record_ids: Sequence[str]) -> set[str]:
         """The ids among these that some registered artifact saw (by index: no scan)."""
-        hits: set[str] = set()
+        return self._lineage_hits(conn, lineage.c.record_id, record_ids)
+
+    @staticmethod
+    def _lineage_hits(conn: Connection, column, record_ids: Sequence[str]) -> set:
+        """`column` of the lineage rows of registered artifacts that name any of `record_ids`."""
+        hits: set = set()
         for start in range(0, len(record_ids), 900):
             chunk = list(record_ids[start:start + 900])
-            hits.update(conn.execute(select(lineage.c.record_id).distinct()
+            hits.update(conn.execute(select(column).distinct()
                                      .join(artifacts, artifacts.c.lineage == lineage.c.artifact)
                                      .where(lineage.c.record_id.in_(chunk))).scalars())
         return hits
