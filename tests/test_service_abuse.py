@@ -8,11 +8,14 @@
 - Item 11: X-Forwarded-For is not believed by default; error messages name no server path; another
   token's receipt is "not found"; duplicate JSON keys are refused; idempotency keys expire; per-shard
   capacity is for `metrics`/admin tokens only; /docs is off by default.
+- Malformed HTTP on a raw socket (smuggling framings, an endless header, garbage) is answered 400 and
+  closed, and the server goes on serving.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -23,10 +26,6 @@ import s3t
 from s3t.service.settings import GuardPolicy, ServiceSettings
 from conftest import copy_run
 from servicekit import InProcessServer, Server, by_cell, make_token, wait_for
-
-
-
-
 
 
 # -- item 8: the ensemble ---------------------------------------------------------------------------------
@@ -328,3 +327,58 @@ def test_error_messages_do_not_name_the_servers_paths(tiny_plan, tiny_data, tmp_
         for path in {str(run_dir), str(run_dir.resolve()), str(tmp_path)}:
             assert path not in r.text, r.text
         assert srv.client().get("/docs").status_code == 200, "--docs turns the interactive docs on"
+
+
+# -- malformed HTTP ---------------------------------------------------------------------------------------
+def raw_exchange(port: int, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, then read until the server closes the connection."""
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except OSError:   # the server may cut an endless request off mid-send; its answer is still read
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    return reply
+
+
+MALFORMED = {
+    "both framings (request smuggling)": b"POST /v1/deletions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two lengths": b"POST /v1/deletions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    "a negative length": b"POST /v1/deletions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n",
+    "a NUL in the target": b"GET /healthz\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a header without a colon": b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "a header of 1 MB": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (1 << 20) + b"\r\n\r\n",
+    "1,000 headers of 1 KB": b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                             + b"".join(b"X-%d: %s\r\n" % (k, b"a" * 1024) for k in range(1000)) + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_http_is_answered_400_and_the_server_goes_on(hardened, name):
+    srv, _, _ = hardened
+    reply = raw_exchange(srv.port, MALFORMED[name])
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert b"connection: close" in reply.lower()
+    assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
+
+
+def test_an_endless_request_head_is_cut_off_without_growing_the_server(hardened):
+    srv, _, _ = hardened
+    rss = lambda: int(open(f"/proc/{srv.proc.pid}/status").read().split("VmRSS:")[1].split()[0]) // 1024  # noqa: E731
+    before = rss()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        sent = 0
+        with pytest.raises(OSError):   # reset or broken pipe once the server has had enough
+            for sent in range(1, 65):
+                sock.sendall(b"a" * (1 << 20))
+    assert sent < 8, f"the server read {sent} MB of one header"
+    assert rss() - before < 32, "the server buffered the header"
+    assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200

@@ -276,6 +276,29 @@ def test_uvicorn_trusts_forwarded_headers_only_from_named_proxies():
     assert behind.proxy_headers is True and behind.forwarded_allow_ips == ["10.0.0.5"]
 
 
+def test_the_serving_process_freezes_its_heap_at_start_and_once_the_model_is_loaded(monkeypatch):
+    import gc
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from s3t.service.app import freeze_heap
+
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(f"collect {generation}"))
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    service = SimpleNamespace(model_ready=threading.Event())
+    freeze_heap(service)
+    assert calls == ["collect 2", "freeze"], "a full collection, then what is alive is frozen"
+    time.sleep(0.2)
+    assert len(calls) == 2, "nothing more until the model is loaded"
+    service.model_ready.set()
+    deadline = time.monotonic() + 10
+    while len(calls) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls[2:] == ["collect 1", "freeze"], "the model's objects are frozen too, without another full walk"
+
+
 def test_expired_idempotency_keys_are_purged_by_an_index_range(trained):
     from sqlalchemy import insert, select, text
 

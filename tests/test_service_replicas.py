@@ -5,11 +5,13 @@ folder (issue 11, item 4). PostgreSQL only: a SQLite run is served by one proces
   and its probabilities are the deleting replica's, bit for bit);
 - restoration: both replicas asked at once, one trainer at a time (the training lock is a PostgreSQL
   advisory lock, which a test process holding it proves), every truncated order restored exactly once;
-- a token's rate limit and its capacity-guard budget span both replicas.
+- a token's rate limit and its capacity-guard budget span both replicas; a deleter's rate bucket is spent
+  in its group commit, once per batch, and still spans both.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,6 @@ from servicekit import Server, by_cell, make_token, served_lineage_ids, wait_for
 pytestmark = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 
 TEXTS = ["shares rose at the bank", "the team won the match", "a new phone was launched"]
-
-
-
-
-
-
 
 
 def test_a_deletion_through_one_replica_is_honoured_by_the_others_next_prediction(trained_dir, tmp_path):
@@ -119,3 +115,23 @@ def test_a_tokens_rate_limit_and_guard_budget_span_both_replicas(trained_dir, tm
         second = b.client(deleter).post("/v1/deletions", json={"ids": [cells[1, 0][0]]})
         assert second.status_code == 202, second.text
         assert "would consume 2 of the ensemble's 4 units" in second.json()["flag"]["reason"]
+
+
+def test_a_deleters_rate_bucket_spans_both_replicas_however_its_requests_are_batched(trained_dir, tmp_path):
+    run_dir = copy_run(trained_dir, tmp_path / "run")
+    deleter = make_token(run_dir, "delete", name="deleter", rate=0.01)   # a burst of 4, then one per 100 s
+    args = ("--guard", "off", "--no-worker", "--no-preload", "--burst", "4")
+    with Server(run_dir, *args) as a, Server(run_dir, *args) as b:
+        def delete(k: int):
+            return (a, b)[k % 2].client(deleter).post("/v1/deletions", json={"ids": [f"nobody-{k}"]},
+                                                       headers={"Idempotency-Key": f"k{k}"})
+        with ThreadPoolExecutor(10) as pool:   # concurrent: group commits of several requests on each replica
+            answers = list(pool.map(delete, range(10)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 4 + [429] * 6, [r.text for r in answers]
+        for r in answers:
+            if r.status_code == 429:
+                assert r.json()["error"] == "RateLimitError" and int(r.headers["Retry-After"]) >= 50, r.text
+        granted = {k for k, r in enumerate(answers) if r.status_code == 200}
+        replayed = delete(min(granted))   # a retry with the same key: the bucket is empty, so refused as before
+        assert replayed.status_code == 429

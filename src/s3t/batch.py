@@ -43,6 +43,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 
 from . import ledger
+from .errors import RateLimitError
 from .registry import Registry
 from .unlearning import Receipt, apply
 
@@ -83,6 +84,10 @@ class Batch:
         self._keys: list[dict] = []                  # staged idempotency keys
         self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
         self._hints: tuple[list, list, list] = ([], [], [])
+        # Rate buckets spent for the batch: key -> [requests granted and not yet taken, requests left in the
+        # bucket, requests refused so far]. Never rewound: a request spends from its bucket even when it
+        # fails, as one refused at the door would.
+        self._rates: dict[str, list] = {}
         self._forget()
 
     def prefetch(self, *, ids: Sequence[str] = (), keys: Sequence[str] = (), tokens: Sequence[str] = ()) -> None:
@@ -234,6 +239,30 @@ class Batch:
             self._usage_base[requester, day] = self.registry.usage(requester, day, self.conn)
         return self._usage_base[requester, day] + sum(n for r, d, n in self._usage if (r, d) == (requester, day))
 
+    def reserve_rates(self, buckets: Sequence[tuple[str, float, int]]) -> None:
+        """Spend, in one statement per bucket (`Registry.take_rate`), what the batch's requests will take
+        one by one from the registry's rate buckets: `buckets` holds one (key, rate, burst) per request."""
+        wanted: dict[tuple[str, float, int], int] = {}
+        for bucket in buckets:
+            wanted[bucket] = wanted.get(bucket, 0) + 1
+        for (key, rate, burst), n in wanted.items():
+            granted, left = self.registry.take_rate(key, rate=rate, burst=burst, n=n, conn=self.conn)
+            held = self._rates.setdefault(key, [0, left, 0])
+            held[0] += granted
+            held[1] = left
+
+    def take_rate(self, key: str, *, rate: float, burst: int) -> None:
+        """Take one request from `key`'s rate bucket in the registry (PostgreSQL; reserved for the batch),
+        or raise RateLimitError with the wait until the bucket holds one for this request."""
+        if key not in self._rates:   # not hinted: spent in the request's savepoint (given back if it fails)
+            self.reserve_rates([(key, rate, burst)])
+        held = self._rates[key]
+        if held[0] > 0:
+            held[0] -= 1
+            return
+        held[2] += 1   # the n-th refused request of the batch waits for n requests' worth of refill
+        raise RateLimitError.bucket(key, rate=rate, burst=burst, wait=(held[2] - held[1]) / rate)
+
     def revoked(self, token_id: str) -> bool:
         """Whether a service token is revoked (read once per batch)."""
         if token_id not in self._revoked:
@@ -374,6 +403,7 @@ class _Savepoint:
 class _Request:
     work: Callable[[Batch], Any]
     hints: tuple[Sequence[str], Sequence[str], Sequence[str]] = ((), (), ())   # ids, idempotency keys, tokens
+    rate: tuple[str, float, int] | None = None   # the registry rate bucket (key, rate, burst) it takes from
     future: Future = field(default_factory=Future)
     outcome: tuple[bool, Any] | None = None   # (ok, result or exception) once run in a transaction
 
@@ -401,12 +431,14 @@ class DeletionQueue:
         self.applied = 0     # requests they applied
 
     def submit(self, work: Callable[[Batch], T], *, ids: Sequence[str] = (), keys: Sequence[str] = (),
-               tokens: Sequence[str] = ()) -> "Future[T]":
+               tokens: Sequence[str] = (), rate: tuple[str, float, int] | None = None) -> "Future[T]":
         """Queue `work(batch)` for the next group commit; its future resolves once that has committed and
         its keys are destroyed (or with the exception that rolled the request back). `ids`, `keys` and
         `tokens` (record ids, idempotency keys, service tokens the work will look up) are read for the
-        whole batch at once (`Batch.prefetch`); they are hints, never required."""
-        request = _Request(work, (ids, keys, tokens))
+        whole batch at once (`Batch.prefetch`), and `rate`, the (key, rate, burst) of the registry rate
+        bucket the work takes one request from (`Batch.take_rate`), is spent for the whole batch at once
+        (`Batch.reserve_rates`); they are hints, never required."""
+        request = _Request(work, (ids, keys, tokens), rate)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this deletion queue is closed (its S3T was closed)")
@@ -497,6 +529,7 @@ class DeletionQueue:
         batch.prefetch(ids=[i for r in requests for i in r.hints[0]],
                        keys=[k for r in requests for k in r.hints[1]],
                        tokens=[t for r in requests for t in r.hints[2]])
+        batch.reserve_rates([r.rate for r in requests if r.rate is not None])
         savepoint = _Savepoint(conn)
         try:
             for r in requests:

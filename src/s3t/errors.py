@@ -104,6 +104,12 @@ class RateLimitError(S3TError):
         super().__init__(message)
         self.retry_after = retry_after
 
+    @classmethod
+    def bucket(cls, key: str, *, rate: float, burst: int, wait: float) -> "RateLimitError":
+        """A token bucket of `rate` requests/s and `burst` is empty for `key` for another `wait` seconds."""
+        return cls(f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for {key}; retry in {wait:.2f} s",
+                   retry_after=wait)
+
 
 class BusyError(S3TError):
     """The service's prediction queue is full; retry after `retry_after` seconds."""

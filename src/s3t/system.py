@@ -472,7 +472,10 @@ class S3T:
         total = sum(trainer.pending(s, [o for o in todo if o["shard"] == s]) for s in {o["shard"] for o in todo})
         try:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
-                return rebuild(self.registry, trainer, on_stage=advance, executor=executor)
+                done = rebuild(self.registry, trainer, on_stage=advance, executor=executor)
+            if done:
+                self.registry.analyze()   # the lineage grew: the deletion path's lookups need fresh statistics
+            return done
         finally:
             # Stages that saw a record deleted while they trained were retired by `rebuild`; this backstop
             # retires whatever slipped past its checks. Then sweep, still holding the training lock: files

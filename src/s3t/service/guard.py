@@ -1,7 +1,8 @@
 """Abuse controls: per-token rate limits and daily quotas, and the capacity guard.
 
 Rate limits are token buckets: in the registry on PostgreSQL (`SharedRateLimiter`: one atomic statement
-per request, on the database server's clock, so replicas of the service share every token's budget),
+per request, or per group commit for deletions, on the database server's clock, so replicas of the
+service share every token's budget),
 in memory on SQLite (`RateLimiter`: a SQLite run is served by one process; a restart refills them).
 Quotas count the deletion items (ids + subjects) per token per UTC day in the registry, in the same
 transaction as the deletion (or the hold) they count, so they are exact across crashes, restarts and
@@ -64,9 +65,7 @@ class RateLimiter:
             tokens = min(float(burst), tokens + (now - then) * rate)
             if tokens < 1.0:
                 self._store(key, (tokens, now))
-                wait = (1.0 - tokens) / rate
-                raise RateLimitError(f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for {key}; "
-                                     f"retry in {wait:.2f} s", retry_after=wait)
+                raise RateLimitError.bucket(key, rate=rate, burst=burst, wait=(1.0 - tokens) / rate)
             self._store(key, (tokens - 1.0, now))
 
     def _store(self, key: str, bucket: tuple[float, float]) -> None:
@@ -77,7 +76,8 @@ class RateLimiter:
 
 class SharedRateLimiter:
     """`RateLimiter` with its buckets in the registry (PostgreSQL): every replica of the service spends
-    from the same bucket, in one atomic statement per request (`Registry.take_rate`)."""
+    from the same bucket, in one atomic statement per request (`Registry.take_rate`). A deletion spends
+    from its bucket in its group commit instead (`Batch.take_rate`): one statement per batch and token."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -85,9 +85,7 @@ class SharedRateLimiter:
     def take(self, key: str, *, rate: float, burst: int) -> None:
         granted, left = self.registry.take_rate(key, rate=rate, burst=burst)
         if not granted:
-            wait = (1.0 - left) / rate
-            raise RateLimitError(f"rate limit of {rate:g} requests/s (burst {burst}) exceeded for {key}; "
-                                 f"retry in {wait:.2f} s", retry_after=wait)
+            raise RateLimitError.bucket(key, rate=rate, burst=burst, wait=(1.0 - left) / rate)
 
     def expire(self, *, idle_s: float = 3600.0) -> int:
         return self.registry.expire_rate_buckets(idle_s=idle_s)
