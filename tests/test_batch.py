@@ -434,3 +434,15 @@ def test_a_bucket_updated_after_the_clock_reading_of_a_take_is_not_emptied_by_it
     assert reg.take_rate("token c", rate=1e6, burst=40) == (1, 2.0), "alone"
     with reg.transaction() as conn:
         assert reg.take_rate("token d", rate=1e6, burst=40, n=5, conn=conn) == (3, 0.0), "for a batch"
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_registry_connections_keep_no_generic_plan_made_while_a_table_was_small(trained):
+    """psycopg prepares a statement run 5 times, and PostgreSQL then may keep a generic plan: one made
+    while the idempotency table was nearly empty kept scanning it whole for every group commit's key
+    lookup as it grew. The registry's connections prepare nothing, so each lookup is planned for its values."""
+    reg = trained.registry
+    with reg.engine.connect() as conn:
+        for k in range(10):
+            reg.idempotent_many(conn, [f"key-{k}", "another"])
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0

@@ -354,7 +354,15 @@ class Registry:
             raise RunError(f"a database schema ({schema!r}) needs a PostgreSQL database URL; got {backend}")
         if self.postgres:
             _require_psycopg(url)
-            args = {"options": f"-csearch_path={check_schema_name(schema)}"} if schema else {}
+            # No server-side prepared statements: psycopg prepares a statement run 5 times, and PostgreSQL
+            # then keeps a generic plan made while a table was small. The tables a service writes grow from
+            # empty (idempotency keys, the ledger, guard windows): a generic plan made at start kept
+            # scanning the whole idempotency table for each group commit's key lookup (273 scans and 20
+            # index reads in 294 batches), where a plan made for the values at hand reads the primary key.
+            # (Connection poolers in transaction mode want no prepared statements either.)
+            args = {"prepare_threshold": None}
+            if schema:
+                args["options"] = f"-csearch_path={check_schema_name(schema)}"
             self.engine: Engine = create_engine(url, connect_args=args, pool_size=8, max_overflow=16,
                                                 pool_pre_ping=True)
             self._lock_space = _lock_key(schema or "public")
