@@ -446,3 +446,34 @@ def test_registry_connections_keep_no_generic_plan_made_while_a_table_was_small(
         for k in range(10):
             reg.idempotent_many(conn, [f"key-{k}", "another"])
         assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
+
+
+def test_requests_refused_before_they_change_anything_cost_the_batch_no_re_reads(trained):
+    """A request refused before it stages or writes anything (a quota, a rate limit) leaves the batch's reads
+    true: they are not read again. (Each refusal re-read every hinted record and its lineage: 64 refused
+    requests of 1,000 ids each held the writer, and every replica's deletions, for 30 s.)"""
+    by_cell = cells(trained)
+    ids = [i for ids in by_cell.values() for i in ids][:6]
+    statements: list[str] = []
+
+    def refuse(batch):
+        batch.find_records(ids=ids)   # reads, as the checks before a refusal do
+        raise s3t.RateLimitError("refused", retry_after=1.0)
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    held = Held(trained)
+    event.listen(trained.registry.engine, "before_cursor_execute", record)
+    try:
+        futures = [trained.deletions.submit(refuse, ids=ids) for _ in range(20)]
+        futures.append(trained.deletions.submit(lambda batch: batch.delete(ids=ids[:1]), ids=ids[:1]))
+        held.release()
+        for f in futures[:-1]:
+            with pytest.raises(s3t.RateLimitError):
+                f.result(60)
+        assert futures[-1].result(60).deleted == (ids[0],)
+    finally:
+        event.remove(trained.registry.engine, "before_cursor_execute", record)
+    reads = [st for st in statements if st.lstrip().upper().startswith("SELECT") and "FROM records" in st]
+    assert len(reads) <= 2, f"{len(reads)} reads of the records for one batch"

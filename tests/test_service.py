@@ -264,6 +264,27 @@ def test_rate_limit_answers_429_with_retry_after(server, run):
 
 
 @pytest.mark.both_databases
+def test_deletions_over_the_rate_are_refused_at_the_door_valid_or_not(server, run):
+    """On both databases: a token's deletions beyond its burst (40) get 429 before they are validated or
+    queued (on PostgreSQL a replica's own bucket refuses them; the shared one is spent in the group commit)."""
+    door = make_token(run, "delete", name="door", rate=0.01)
+    client = server.client(door)
+    codes = [client.post("/v1/deletions", json={"ids": []}).status_code for _ in range(42)]
+    assert codes == [422] * 40 + [429] * 2, codes
+    assert client.post("/v1/deletions", json={"ids": ["nobody"]}).status_code == 429
+
+
+@pytest.mark.both_databases
+def test_an_id_holding_a_nul_is_refused_as_bad_input(server, tokens):
+    """PostgreSQL cannot store NUL in text: such an id failed its whole group commit (then retried request
+    by request) with a 500; it is bad input, on both databases."""
+    r = server.client(tokens["deleter"]).post("/v1/deletions", json={"ids": ["a\u0000b"], "reference": "x"})
+    assert r.status_code == 422 and "NUL" in r.text, r.text
+    r = server.client(tokens["deleter"]).post("/v1/deletions", json={"ids": ["fine"], "reference": "a\u0000"})
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.both_databases
 def test_daily_quota_counts_ids_and_subjects(server, run):
     limited = make_token(run, "delete", name="limited", quota=3)
     client = server.client(limited)

@@ -345,3 +345,61 @@ def test_a_run_from_before_the_counts_and_indexes_gains_them_when_opened(trained
         assert review.get_flag(system, flag.id).ids == ("a", "b") and review.pending(system, token_id="t") == 1
     finally:
         system.close()
+
+
+def test_the_head_bound_counts_no_body_bytes_of_a_request_read_with_the_next_ones_head():
+    """One read holding the end of a 200 KB body and the start of a pipelined request's head: the bound
+    (64 KiB besides bodies) must not count the body (it answered 400 and dropped the first request)."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from s3t.service.protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.written, self.closing = b"", False
+
+        def get_extra_info(self, name, default=None):
+            return ("127.0.0.1", 8000) if name in ("sockname", "peername") else default
+
+        def write(self, data):
+            self.written += data
+
+        def is_closing(self):
+            return self.closing
+
+        def close(self):
+            self.closing = True
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def exchange(*reads: bytes) -> Transport:
+        config = uvicorn.Config(app, http=BoundedHttpToolsProtocol, log_level="error")
+        protocol = BoundedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        for data in reads:
+            protocol.data_received(data)
+            await asyncio.sleep(0.05)
+        return transport
+
+    body = b"a" * 200_000
+    first = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    pipelined = asyncio.run(exchange(first + body[:1000], body[1000:] + b"GET / HTTP/1.1\r\nHost: x\r\n",
+                                     b"\r\n"))
+    assert pipelined.written.count(b"HTTP/1.1 200 OK") == 2 and not pipelined.closing, pipelined.written[:200]
+    endless = asyncio.run(exchange(b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * MAX_HEAD_BYTES))
+    assert endless.written.startswith(b"HTTP/1.1 400 ") and endless.closing

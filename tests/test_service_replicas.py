@@ -5,8 +5,8 @@ folder (issue 11, item 4). PostgreSQL only: a SQLite run is served by one proces
   and its probabilities are the deleting replica's, bit for bit);
 - restoration: both replicas asked at once, one trainer at a time (the training lock is a PostgreSQL
   advisory lock, which a test process holding it proves), every truncated order restored exactly once;
-- a token's rate limit and its capacity-guard budget span both replicas; a deleter's rate bucket is spent
-  in its group commit, once per batch, and still spans both.
+- a token's rate limit and its capacity-guard budget span both replicas, and so does a deleter's bucket,
+  now spent in its group commit (once per batch: tests/test_batch.py), however its requests are batched.
 """
 
 from __future__ import annotations

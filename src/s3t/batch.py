@@ -86,8 +86,10 @@ class Batch:
         self._hints: tuple[list, list, list] = ([], [], [])
         # Rate buckets spent for the batch: key -> [requests granted and not yet taken, requests left in the
         # bucket, requests refused so far]. Never rewound: a request spends from its bucket even when it
-        # fails, as one refused at the door would.
+        # fails, as one refused at the door would; except a bucket a request reserved for itself (not
+        # hinted): that reservation is in its savepoint, so a request rolled back gives it back.
         self._rates: dict[str, list] = {}
+        self._rates_unhinted: list[str] = []
         self._forget()
 
     def prefetch(self, *, ids: Sequence[str] = (), keys: Sequence[str] = (), tokens: Sequence[str] = ()) -> None:
@@ -256,6 +258,7 @@ class Batch:
         or raise RateLimitError with the wait until the bucket holds one for this request."""
         if key not in self._rates:   # not hinted: spent in the request's savepoint (given back if it fails)
             self.reserve_rates([(key, rate, burst)])
+            self._rates_unhinted.append(key)
         held = self._rates[key]
         if held[0] > 0:
             held[0] -= 1
@@ -315,13 +318,17 @@ class Batch:
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
-        return (len(self.erased), len(self.key_slots), len(self.receipts), len(self._ledger), len(self._erase),
-                len(self._keys), len(self._usage))
+        return tuple(map(len, self._staged()))
+
+    def _staged(self) -> tuple[list, ...]:
+        return (self.erased, self.key_slots, self.receipts, self._ledger, self._erase, self._keys, self._usage,
+                self._rates_unhinted)
 
     def _rewind(self, mark: tuple[int, ...]) -> None:
         """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
-        for items, n in zip((self.erased, self.key_slots, self.receipts, self._ledger, self._erase, self._keys,
-                             self._usage), mark):
+        for key in self._rates_unhinted[mark[-1]:]:
+            self._rates.pop(key, None)
+        for items, n in zip(self._staged(), mark):
             del items[n:]
         self._forget()
         ids, keys, tokens = self._hints
@@ -538,11 +545,13 @@ class DeletionQueue:
                 try:
                     r.outcome = (True, r.work(batch))
                 except Exception as exc:   # rolled back to its savepoint: the others go on
-                    if not savepoint.rollback() and (isinstance(exc, DBAPIError) or savepoint.aborted()):
+                    wrote = savepoint.rollback()
+                    if not wrote and (isinstance(exc, DBAPIError) or savepoint.aborted()):
                         # A statement failed with no savepoint to return to: on PostgreSQL the transaction
                         # is aborted. Fail the batch; `_commit` retries each request alone.
                         raise
-                    batch._rewind(mark)
+                    if wrote or batch._mark() != mark:   # refused before it changed anything (a quota, a
+                        batch._rewind(mark)              # rate limit): the batch's reads are still true
                     r.outcome = (False, exc)
                 else:
                     if savepoint.aborted():   # it caught a failed statement: nothing after it would commit

@@ -1121,7 +1121,8 @@ class Registry:
         """Spend up to `n` requests from `key`'s token bucket in one atomic statement, on the database
         server's clock (replicas agree on it); returns (requests granted, requests left). Alone (no `conn`)
         it is its own short transaction, without the write lock: buckets of different keys never wait for
-        each other, nor for a deletion. In a group commit's transaction (`conn`) it spends for the batch."""
+        each other. In a group commit's transaction (`conn`) it spends for the batch, and a take of the same
+        bucket elsewhere (the token's predictions) waits for that commit."""
         # The clock when the row is locked, not when the statement began: a statement that waited for
         # another's lock must not refill from before that one's update (negative time, an empty bucket).
         now = func.extract("epoch", func.clock_timestamp())

@@ -473,8 +473,11 @@ class S3T:
         try:
             with _progress(progress, f"{what} {len(todo)} orders", total) as advance:
                 done = rebuild(self.registry, trainer, on_stage=advance, executor=executor)
-            if done:
-                self.registry.analyze()   # the lineage grew: the deletion path's lookups need fresh statistics
+            if done:   # the lineage grew: the deletion path's lookups need fresh statistics
+                try:
+                    self.registry.analyze()
+                except Exception as exc:   # the training is committed; autovacuum will analyze later
+                    logger.warning("refreshing the database's statistics after training failed: %s", exc)
             return done
         finally:
             # Stages that saw a record deleted while they trained were retired by `rebuild`; this backstop

@@ -80,6 +80,12 @@ class Service:
         # Replicas share a PostgreSQL registry: their rate limits must too. A SQLite run has one server.
         self.limiter = (SharedRateLimiter(registry) if registry.postgres
                         else RateLimiter(max_keys=self.settings.rate_limit_keys))
+        # A deletion is refused at the door by a bucket in memory: on SQLite the limiter itself; with shared
+        # buckets, this replica's own bucket of the same rate and burst, which sees only the requests sent
+        # to this replica, so it refuses only what exceeds the token's rate by this replica's traffic alone.
+        # What it lets through spends the shared bucket in its group commit (`_decide`), so a flood of
+        # refused requests never takes places in the deletion queue, whose writer every replica waits for.
+        self.door = (RateLimiter(max_keys=self.settings.rate_limit_keys) if registry.postgres else self.limiter)
         self.guard = CapacityGuard(self.settings.guard, registry)
         self.tokens = TokenCache()   # deletions re-check revocation in their transaction
         self.worker = (RestorationWorker(self.system, restore_below=self.settings.restore_below,
@@ -162,17 +168,16 @@ class Service:
     def authorize(self, authorization: str | None, *roles: str, client: str, cached: bool = False) -> Token | None:
         """The caller's token, checked for one of `roles` and its rate limit; None for an anonymous caller
         of a `predict` endpoint on a server with public predictions. `cached`: the deletion path, whose
-        group commit re-checks revocation (and, with shared rate limits, spends the token's bucket: see
-        `submit_delete`): a token seen before is taken from memory; otherwise the registry is asked, so a
-        revocation takes effect on the next request."""
+        group commit re-checks revocation (and, with shared rate limits, spends the token's bucket, after
+        the check at `door`): a token seen before is taken from memory; otherwise the registry is asked,
+        so a revocation takes effect on the next request."""
         if authorization is None and "predict" in roles and self.settings.public_predict:
             self.limiter.take(f"anonymous client {client}", rate=self.settings.rate, burst=self.settings.burst)
             return None
         token = authenticate(self.system.registry, authorization, cache=self.tokens if cached else None)
         require(token, *roles)
-        if not (cached and self._rate_in_commit):
-            key, rate, burst = self._bucket(token)
-            self.limiter.take(key, rate=rate, burst=burst)
+        key, rate, burst = self._bucket(token)
+        (self.door if cached else self.limiter).take(key, rate=rate, burst=burst)
         return token
 
     def authorize_in_memory(self, authorization: str | None, *roles: str) -> Token | None:
@@ -181,16 +186,15 @@ class Service:
         if authorization is None or (token := self.tokens.get(authorization)) is None:
             return None
         require(token, *roles)
-        if not self._rate_in_commit:
-            key, rate, burst = self._bucket(token)
-            self.limiter.take(key, rate=rate, burst=burst)
+        key, rate, burst = self._bucket(token)
+        self.door.take(key, rate=rate, burst=burst)
         return token
 
     @property
     def _rate_in_commit(self) -> bool:
-        """Whether a deletion spends its rate bucket in its group commit (shared buckets: one statement per
-        batch and token instead of a transaction per request) rather than at the door (in memory)."""
-        return isinstance(self.limiter, SharedRateLimiter)
+        """Whether a deletion also spends a shared rate bucket in its group commit (one statement per batch
+        and token, instead of a transaction per request)."""
+        return self.door is not self.limiter
 
     def _bucket(self, token: Token) -> tuple[str, float, int]:
         return f"token {token.id}", token.rate or self.settings.rate, self.settings.burst

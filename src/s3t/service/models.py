@@ -44,6 +44,14 @@ def _encodable(value: str) -> str:
     return value
 
 
+def _storable(value: str) -> str:
+    """`_encodable`, and no NUL: the registry stores it as text, which PostgreSQL refuses to hold NUL in
+    (one such id failed its whole group commit, which was then retried request by request)."""
+    if "\x00" in _encodable(value):
+        raise ValueError("the string holds a NUL character (\\u0000), which no id, reference or note may hold")
+    return value
+
+
 def _base64(value: str) -> bytes:
     """The bytes a standard base64 string encodes (strict: no whitespace, no URL-safe alphabet, padded)."""
     try:
@@ -56,8 +64,8 @@ def _base64(value: str) -> bytes:
 Text = Annotated[StrictStr, StringConstraints(max_length=MAX_TEXT_CHARS), AfterValidator(_encodable)]
 ImageBase64 = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_IMAGE_BASE64_CHARS),
                         AfterValidator(_base64)]
-Item = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_encodable)]
-Reference = Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE_CHARS), AfterValidator(_encodable)]
+Item = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_storable)]
+Reference = Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE_CHARS), AfterValidator(_storable)]
 
 
 class _Strict(BaseModel):
@@ -247,7 +255,7 @@ class HeldResponse(BaseModel):
 
 
 class ReviewDecision(_Strict):
-    note: Annotated[StrictStr, StringConstraints(max_length=1000), AfterValidator(_encodable)] | None = None
+    note: Annotated[StrictStr, StringConstraints(max_length=1000), AfterValidator(_storable)] | None = None
 
 
 class ShardOut(BaseModel):
