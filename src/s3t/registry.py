@@ -708,9 +708,10 @@ class Registry:
 
     def analyze(self) -> None:
         """Refresh PostgreSQL's planner statistics of the tables that grow in bulk (records, lineage), after
-        training. Without them a table filled seconds ago has none (autovacuum comes later), and the planner reads the deletion path's lineage lookup for a batch of ids as a scan of
-        the whole table (15 ms per batch at 200,000 lineage rows instead of 0.3 ms). SQLite's planner
-        takes the index without statistics."""
+        training. Without them a table filled seconds ago has none (autovacuum comes later), and the
+        planner reads the deletion path's lineage lookup for a batch of ids as a scan of the whole table
+        (15 ms per batch at 200,000 lineage rows instead of 0.3 ms). SQLite's planner takes the index
+        without statistics."""
         if self.postgres:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ANALYZE records, lineage, artifacts")
@@ -1126,7 +1127,8 @@ class Registry:
         # The clock when the row is locked, not when the statement began: a statement that waited for
         # another's lock must not refill from before that one's update (negative time, an empty bucket).
         now = func.extract("epoch", func.clock_timestamp())
-        refill = func.least(float(burst), rate_buckets.c.tokens + func.greatest(0.0, now - rate_buckets.c.at) * rate)
+        elapsed = func.greatest(0.0, now - rate_buckets.c.at)
+        refill = func.least(float(burst), rate_buckets.c.tokens + elapsed * rate)
         grant = func.greatest(0, func.least(n, func.floor(refill)))
         first = min(n, burst)
         q = pg_dialect.insert(rate_buckets).values(key=key, tokens=float(burst - first), at=now, granted=first)
