@@ -63,6 +63,36 @@ def test_the_guard_judges_each_request_of_a_batch_with_the_ones_ahead_of_it_coun
             service.close()
 
 
+def test_the_per_shard_ratio_counts_what_the_requests_ahead_in_the_batch_consumed(trained_dir, tmp_path):
+    """Aimed at shard 0's first slices (the per-shard ratio's scenario; the budgets out of the way): the
+    second request is held because of the first, batched exactly as one by one; shard 1 is not."""
+    run_dir = copy_run(trained_dir, tmp_path / "run")
+    by = cells_of(run_dir)
+    targets = [by[0, 0][0], by[0, 1][0], by[1, 0][0]]
+    policy = GuardPolicy(protect_last_order=False, token_share=1.0, total_share=1.0, min_spent=2, max_ratio=1.5)
+    got = {}
+    for batched in (False, True):
+        service = service_for(copy_run(run_dir, tmp_path / f"copy-{batched}"), guard=policy)
+        try:
+            who = token(service, "aimer")
+            if batched:
+                held = Held(service.system)
+                futures = [service.submit_delete(who, ids=[t]) for t in targets]
+                held.release()
+            else:   # each answered before the next is sent: a transaction each
+                futures = []
+                for t in targets:
+                    futures.append(service.submit_delete(who, ids=[t]))
+                    futures[-1].exception(60)
+            got[batched] = outcomes(futures)
+            if batched:
+                assert service.system.deletions.batches == held.batches + 1, "one transaction for the three"
+            assert "shard 0" in futures[1].result().flag.reason
+        finally:
+            service.close()
+    assert got[True] == got[False] == ["applied", "held", "applied"]
+
+
 def test_a_quota_counts_the_requests_ahead_in_the_batch_but_not_one_rolled_back(trained_dir, tmp_path):
     service = service_for(copy_run(trained_dir, tmp_path / "run"), guard=GuardPolicy(action="off"))
     try:

@@ -6,9 +6,12 @@ registry and judge each request in a transaction of its own, with a fake clock.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 import s3t
+from s3t.batch import Batch
 from s3t.errors import AuthError, DataError, ForbiddenError, PlanError, RateLimitError
 from s3t.service import guard as guard_module
 from s3t.service.auth import authenticate, create_token, list_tokens, require, revoke_token
@@ -58,16 +61,24 @@ class Guard:
         self.guard, self.registry = CapacityGuard(policy, registry, clock=clock), registry
 
     def judge_preview(self, token: str, preview: dict, per_record: dict, *, capacity: int):
-        with self.registry.transaction() as conn:
-            return self.guard.judge_preview(conn, token, preview, per_record, capacity=capacity)
+        with self.batch() as batch:
+            return self.guard.judge_preview(batch, token, preview, per_record, capacity=capacity)
 
     def record(self, token: str, verdict, *, reviewed: bool = False) -> None:
-        with self.registry.transaction() as conn:
-            self.guard.record(conn, token, verdict, reviewed=reviewed)
+        with self.batch() as batch:
+            self.guard.record(batch, token, verdict, reviewed=reviewed)
 
     def record_reviewed(self, units: int) -> None:
+        with self.batch() as batch:
+            self.guard.record_reviewed(batch, units)
+
+    @contextmanager
+    def batch(self):
+        """A group commit of one request: its staged writes are flushed before the commit."""
         with self.registry.transaction() as conn:
-            self.guard.record_reviewed(conn, units)
+            batch = Batch(self.registry, conn, b"ledger key")
+            yield batch
+            batch.flush()
 
 
 @pytest.fixture

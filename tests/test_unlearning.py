@@ -9,7 +9,7 @@ are the same code on either. The group commit of concurrent deletions is tests/t
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, inspect, select
 
 import s3t
 from s3t.records import payload
@@ -202,3 +202,22 @@ def test_a_failed_shred_after_commit_does_not_fail_the_deletion(trained, tiny_da
     trained.restore(progress=False)   # the queue is shredded by the next rebuild
     assert trained.registry.retired() == [] and not any(f.exists() for f in
                                                          _artifact_files(trained, receipt.retired_artifacts))
+
+
+@pytest.mark.both_databases
+def test_an_older_runs_lineage_index_gives_way_to_the_covering_one_on_open(trained_case, no_training):
+    """The deletion path's lineage lookup reads an index on (record_id, artifact) alone. A run made before it
+    had one on record_id only: opening it builds the new index and drops the old, and deletions go on."""
+    trained, tiny_data = trained_case
+    with trained.registry.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_lineage_record_artifact")
+        conn.exec_driver_sql("CREATE INDEX ix_lineage_record_id ON lineage (record_id)")
+    trained.close()
+    reopened = s3t.S3T.open(trained.run_dir)
+    try:
+        names = {index["name"] for index in inspect(reopened.registry.engine).get_indexes("lineage")}
+        assert "ix_lineage_record_artifact" in names and "ix_lineage_record_id" not in names, names
+        victim = tiny_data[2]
+        assert reopened.delete(ids=[victim.id]).deleted == (victim.id,)
+    finally:
+        reopened.close()

@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import ledger
 from .errors import RateLimitError
-from .registry import Registry
+from .registry import ALL_TOKENS, Registry
 from .unlearning import Receipt, apply
 
 __all__ = ["Batch", "DeletionQueue"]
@@ -83,6 +83,7 @@ class Batch:
         self._erase: list[tuple[dict, str]] = []     # staged: (record row, request id)
         self._keys: list[dict] = []                  # staged idempotency keys
         self._usage: list[tuple[str, str, int]] = []  # staged usage: (requester, day, items)
+        self._guard: list[tuple] = []   # staged guard windows: (token, bucket, reviewed, records, units, spent)
         self._hints: tuple[list, list, list] = ([], [], [])
         # Rate buckets spent for the batch: key -> [requests granted and not yet taken, requests left in the
         # bucket, requests refused so far]. Never rewound: a request spends from its bucket even when it
@@ -241,6 +242,32 @@ class Batch:
             self._usage_base[requester, day] = self.registry.usage(requester, day, self.conn)
         return self._usage_base[requester, day] + sum(n for r, d, n in self._usage if (r, d) == (requester, day))
 
+    def guard_window(self, token_id: str, *, since: int) -> tuple[dict[tuple[str, bool], tuple[int, int]],
+                                                                   dict[int, int]]:
+        """`Registry.guard_window` (read once per token and window start), with this batch's requests
+        counted (`add_guard_usage`)."""
+        if (token_id, since) not in self._windows:
+            self._windows[token_id, since] = self.registry.guard_window(self.conn, token_id, since=since)
+        stored_usage, stored_spent = self._windows[token_id, since]
+        usage, spent = dict(stored_usage), dict(stored_spent)
+        for who, bucket, reviewed, records, units, by_shard in self._guard:
+            if bucket < since:
+                continue
+            for key in [(ALL_TOKENS, reviewed)] + ([(who, reviewed)] if who == token_id else []):
+                r, u = usage.get(key, (0, 0))
+                usage[key] = (r + records, u + units)
+            if who == token_id and not reviewed:
+                for shard, n in by_shard.items():
+                    if n > 0:
+                        spent[shard] = spent.get(shard, 0) + n
+        return usage, spent
+
+    def add_guard_usage(self, token_id: str, *, bucket: int, reviewed: bool, records: int, units: int,
+                        spent: dict[int, int]) -> None:
+        """Stage one applied request's count in the guard's windows (`Registry.add_guard_usage`): for its
+        token, for all tokens, and per shard unless reviewed."""
+        self._guard.append((token_id, bucket, reviewed, records, units, dict(spent)))
+
     def reserve_rates(self, buckets: Sequence[tuple[str, float, int]]) -> None:
         """Spend, in one statement per bucket (`Registry.take_rate`), what the batch's requests will take
         one by one from the registry's rate buckets: `buckets` holds one (key, rate, burst) per request."""
@@ -315,6 +342,20 @@ class Batch:
             totals[requester, day] = totals.get((requester, day), 0) + items
         for (requester, day), items in sorted(totals.items()):
             reg.add_usage(conn, requester, day, items)
+        usage: dict[tuple[str, int, int], list[int]] = {}
+        spent: dict[tuple[str, int, int], int] = {}
+        for who, bucket, reviewed, records, units, by_shard in self._guard:
+            for key in ((who, bucket, int(reviewed)), (ALL_TOKENS, bucket, int(reviewed))):
+                row = usage.setdefault(key, [0, 0])
+                row[0] += records
+                row[1] += units
+            if not reviewed:
+                for shard, n in by_shard.items():
+                    if n > 0:
+                        spent[who, shard, bucket] = spent.get((who, shard, bucket), 0) + n
+        reg.add_guard_usage(
+            conn, [dict(token_id=w, bucket=b, reviewed=r, records=n, units=u) for (w, b, r), (n, u) in sorted(usage.items())],
+            [dict(token_id=w, shard=m, bucket=b, units=u) for (w, m, b), u in sorted(spent.items())])
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
@@ -322,7 +363,7 @@ class Batch:
 
     def _staged(self) -> tuple[list, ...]:
         return (self.erased, self.key_slots, self.receipts, self._ledger, self._erase, self._keys, self._usage,
-                self._rates_unhinted)
+                self._guard, self._rates_unhinted)
 
     def _rewind(self, mark: tuple[int, ...]) -> None:
         """Forget what a request rolled back to its savepoint had done (its keys must live on)."""
@@ -344,6 +385,7 @@ class Batch:
         self._capacity: dict[int, int] | None = None
         self._idempotent: dict[str, dict | None] = {row["key"]: row for row in self._keys}
         self._usage_base: dict[tuple[str, str], int] = {}
+        self._windows: dict[tuple[str, int], tuple[dict, dict]] = {}   # (token, since) -> stored guard window
         self._revoked: dict[str, bool] = {}
         self._lineage: dict[str, dict[str, bool]] = {}   # record id -> {artifact: registered}
         self._retired: set[str] = set()                  # retired in this batch

@@ -106,8 +106,11 @@ environments = Table(  # the numeric environments stages were trained in (s3t.en
 lineage = Table(  # which record ids each artifact saw: the evidence behind every receipt
     "lineage", metadata,
     Column("artifact", String(64), primary_key=True),
-    Column("record_id", String(512), primary_key=True, index=True),
+    Column("record_id", String(512), primary_key=True),
     Column("generation", Integer),                   # which incarnation of a re-added id it saw; NULL = 0
+    # The deletion path asks which artifacts saw a record: this index answers it alone (an index-only scan),
+    # where one on record_id alone would read a table page per artifact (the rows lie in artifact order).
+    Index("ix_lineage_record_artifact", "record_id", "artifact"),
 )
 retired_artifacts = Table(  # unregistered because they saw a deleted record; the row goes once the file is shredded
     "retired_artifacts", metadata,
@@ -235,8 +238,7 @@ USAGE = select(token_usage.c.used).where(token_usage.c.token_id == bindparam("to
 SERVED = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
 LEDGER_HEAD_ROW = (select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
                    .order_by(ledger.c.seq.desc()).limit(1))
-META_DELETE = meta.delete().where(meta.c.key == bindparam("k"))
-META_INSERT = meta.insert().values(key=bindparam("k"), value=bindparam("v"))
+OBSOLETE_INDEXES = ("ix_lineage_record_id",)   # older runs' indexes that a newer one covers
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock class that serialises writers on PostgreSQL
@@ -370,10 +372,19 @@ class Registry:
             self.engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
-        # A deletion's usage count (once per group commit), built once for this database's dialect.
-        q = (pg_dialect if self.postgres else sqlite_dialect).insert(token_usage)
-        self._add_usage = q.on_conflict_do_update(index_elements=[token_usage.c.token_id, token_usage.c.day],
-                                                  set_={"used": token_usage.c.used + q.excluded.used})
+        # Upserts the deletion path makes once per group commit, built once for this database's dialect: a
+        # meta value (the ledger's head), and counts that add up (quota usage, the guard's windows).
+        dialect = pg_dialect if self.postgres else sqlite_dialect
+        q = dialect.insert(meta)
+        self._set_meta = q.on_conflict_do_update(index_elements=[meta.c.key], set_={"value": q.excluded.value})
+
+        def adding(table: Table, *columns: str):
+            q = dialect.insert(table)
+            return q.on_conflict_do_update(index_elements=[c.name for c in table.primary_key.columns],
+                                           set_={c: table.c[c] + q.excluded[c] for c in columns})
+        self._add_usage = adding(token_usage, "used")
+        self._add_guard_usage = adding(guard_usage, "records", "units")
+        self._add_guard_spent = adding(guard_spent, "units")
 
     @staticmethod
     def prepare(url: str, schema: str | None) -> None:
@@ -418,6 +429,8 @@ class Registry:
                         conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl}')
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
+            for name in OBSOLETE_INDEXES:   # superseded by a wider index above
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -444,13 +457,6 @@ class Registry:
         assert self.postgres, "named advisory locks are a PostgreSQL feature; SQLite runs use files.FileLock"
         return AdvisoryLock(self.engine, PG_NAMED_LOCK, _lock_key(f"{self.schema or 'public'}:{name}"))
 
-    def upsert(self, conn: Connection, table: Table, values: dict, *, add: Sequence[str]) -> None:
-        """Insert a row, or add `values[c]` to column c for each c in `add` where its primary key exists."""
-        dialect = pg_dialect if self.postgres else sqlite_dialect
-        q = dialect.insert(table).values(**values)
-        conn.execute(q.on_conflict_do_update(index_elements=[c.name for c in table.primary_key.columns],
-                                             set_={c: table.c[c] + q.excluded[c] for c in add}))
-
     def close(self) -> None:
         self.engine.dispose()
         self.keys.close()
@@ -461,8 +467,7 @@ class Registry:
             return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
 
     def set_meta(self, conn: Connection, key: str, value: str) -> None:
-        conn.execute(META_DELETE, {"k": key})
-        conn.execute(META_INSERT, {"k": key, "v": value})
+        conn.execute(self._set_meta, {"key": key, "value": value})
 
     def delete_meta(self, conn: Connection, key: str, *, if_value: str | None = None) -> None:
         q = meta.delete().where(meta.c.key == key)
@@ -707,14 +712,16 @@ class Registry:
             conn.execute(lineage.insert(), rows[start:start + 5000])
 
     def analyze(self) -> None:
-        """Refresh PostgreSQL's planner statistics of the tables that grow in bulk (records, lineage), after
-        training. Without them a table filled seconds ago has none (autovacuum comes later), and the
-        planner reads the deletion path's lineage lookup for a batch of ids as a scan of the whole table
-        (15 ms per batch at 200,000 lineage rows instead of 0.3 ms). SQLite's planner takes the index
-        without statistics."""
+        """Refresh PostgreSQL's planner statistics and visibility map of the tables that grow in bulk
+        (records, lineage), after training. Without statistics a table filled seconds ago has none
+        (autovacuum comes later), and the planner reads the deletion path's lineage lookup for a batch of
+        ids as a scan of the whole table (15 ms per batch at 200,000 lineage rows instead of 0.3 ms); without
+        the visibility map, that lookup reads a table page per row instead of the index alone. VACUUM
+        visits only the pages changed since the last one. SQLite's planner takes the index without
+        statistics, and reads a covering index alone."""
         if self.postgres:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("ANALYZE records, lineage, artifacts")
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM (ANALYZE) records, lineage, artifacts")
 
     def artifact_lineages(self) -> set[str]:
         """Every registered artifact."""
@@ -1083,31 +1090,27 @@ class Registry:
         return done.rowcount > 0
 
     # -- the capacity guard's windows (s3t.service.guard) ---------------------------------------------
-    def add_guard_usage(self, conn: Connection, *, token_id: str, bucket: int, reviewed: bool, records: int,
-                        units: int, spent: dict[int, int]) -> None:
-        """Count one applied request in its time bucket: for its token, for all tokens, and per shard (spent)."""
-        for who in (token_id, ALL_TOKENS):
-            self.upsert(conn, guard_usage, dict(token_id=who, bucket=bucket, reviewed=int(reviewed), records=records,
-                                                units=units), add=["records", "units"])
-        if not reviewed:
-            for shard, n in sorted(spent.items()):
-                if n > 0:
-                    self.upsert(conn, guard_spent, dict(token_id=token_id, shard=shard, bucket=bucket, units=n),
-                                add=["units"])
+    def add_guard_usage(self, conn: Connection, usage: Sequence[dict], spent: Sequence[dict]) -> None:
+        """Add to the guard's windows, one statement each: `usage` rows {token_id (or ALL_TOKENS), bucket,
+        reviewed, records, units}, `spent` rows {token_id, shard, bucket, units}, each added to the row of
+        its key (at most one row per key in a call)."""
+        if usage:
+            conn.execute(self._add_guard_usage, list(usage))
+        if spent:
+            conn.execute(self._add_guard_spent, list(spent))
 
-    def guard_window(self, conn: Connection, token_id: str, shards_: Iterable[int], *, since: int
+    def guard_window(self, conn: Connection, token_id: str, *, since: int
                      ) -> tuple[dict[tuple[str, bool], tuple[int, int]], dict[int, int]]:
         """Sums over buckets from `since` on: ({(token or ALL_TOKENS, reviewed): (records, units)},
-        {shard: units this token's unreviewed requests consumed}) for the given shards."""
+        {shard: units this token's unreviewed requests consumed}) (by index: the token's rows only)."""
         usage = {(who, bool(rev)): (int(rec), int(units)) for who, rev, rec, units in conn.execute(
             select(guard_usage.c.token_id, guard_usage.c.reviewed, func.sum(guard_usage.c.records),
                    func.sum(guard_usage.c.units))
             .where(guard_usage.c.token_id.in_([token_id, ALL_TOKENS]), guard_usage.c.bucket >= since)
             .group_by(guard_usage.c.token_id, guard_usage.c.reviewed))}
-        wanted = sorted(set(shards_))
-        spent = {} if not wanted else {shard: int(n) for shard, n in conn.execute(
+        spent = {shard: int(n) for shard, n in conn.execute(
             select(guard_spent.c.shard, func.sum(guard_spent.c.units))
-            .where(guard_spent.c.token_id == token_id, guard_spent.c.shard.in_(wanted), guard_spent.c.bucket >= since)
+            .where(guard_spent.c.token_id == token_id, guard_spent.c.bucket >= since)
             .group_by(guard_spent.c.shard))}
         return usage, spent
 

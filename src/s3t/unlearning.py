@@ -281,7 +281,8 @@ def preview(registry: Registry, key: bytes, *, ids: Sequence[str] = (), subjects
                 else batch.find_records(ids=list(ids), subject_digests=digests))
         live = [r for r in rows if r["deleted_in"] is None]
         hit: dict[int, set[int]] = defaultdict(set)
-        seen = registry.seen(conn, [r["id"] for r in live])
+        seen = (registry.seen(conn, [r["id"] for r in live]) if batch is None
+                else batch.seen([r["id"] for r in live]))
         for r in live:
             if r["id"] in seen:
                 hit[r["shard"]].add(r["slice"])

@@ -286,7 +286,7 @@ class Service:
             return DeletionOutcome("held", flag=flag)
         receipt = batch.delete(ids=ids, subjects=subjects, reference=reference, idempotency_key=key,
                                requested_by=token.id)
-        self.guard.record(conn, token.id, verdict, reviewed=reviewed)
+        self.guard.record(batch, token.id, verdict, reviewed=reviewed)
         flag = (review.record_alert(self.system, conn, token_id=token.id, receipt=receipt, reason=verdict.reason)
                 if flagged else None)
         return DeletionOutcome("applied", receipt=receipt, flag=flag)
@@ -414,7 +414,7 @@ class Service:
         def work(batch: Batch) -> Receipt:
             before = sum(batch.capacities().values())
             receipt = review.apply_in(batch, self.system, flag_id, decided_by=admin.id, note=note)
-            self.guard.record_reviewed(batch.conn, before - sum(batch.capacities().values()))
+            self.guard.record_reviewed(batch, before - sum(batch.capacities().values()))
             return receipt
 
         def done(future: "Future[Receipt]") -> None:

@@ -172,13 +172,14 @@ class CapacityGuard:
         if self._baseline is None or now - self._baseline[0] > self.BASELINE_TTL_S:
             self._baseline = (now, self.random_consumption(self.registry, batch.conn))
         preview = system.preview_delete(ids=ids, subjects=subjects, batch=batch)
-        return self.judge_preview(batch.conn, token_id, preview, self._baseline[1],
+        return self.judge_preview(batch, token_id, preview, self._baseline[1],
                                   capacity=sum(batch.capacities().values()))
 
-    def judge_preview(self, conn, token_id: str, preview: dict, per_record: dict[int, float], *,
+    def judge_preview(self, batch, token_id: str, preview: dict, per_record: dict[int, float], *,
                       capacity: int) -> Verdict:
         """`judge` on a `S3T.preview_delete` result, a `random_consumption` baseline and the ensemble's
-        capacity now (`ensemble_capacity`). Every check that fails is named in the reason."""
+        capacity now (`ensemble_capacity`), with the windows as `batch` sees them. Every check that fails
+        is named in the reason."""
         policy = self.policy
         spent = {s["shard"]: s["capacity_before"] - s["capacity_after"] for s in preview["shards"]}
         records = preview["records"]
@@ -190,8 +191,7 @@ class CapacityGuard:
                 reasons.append(f"the request would take shard {', '.join(map(str, dropped))} out of the ensemble "
                                "(its last live order)")
         units = sum(max(0, v) for v in spent.values())
-        usage, window_spent = self.registry.guard_window(conn, token_id, [s for s, n in spent.items() if n > 0],
-                                                         since=self._since())
+        usage, window_spent = batch.guard_window(token_id, since=self._since())
         # Random deletions of as many records as the token's window deleted: today's per-record baseline.
         window_records = records + usage.get((token_id, False), (0, 0))[0]
         for shard in sorted(spent):
@@ -218,19 +218,18 @@ class CapacityGuard:
                     break
         return Verdict(bool(reasons), "; ".join(reasons), spent, expected, records)
 
-    def record(self, conn, token_id: str, verdict: Verdict, *, reviewed: bool = False) -> None:
-        """Count an applied request in the transaction that applies it: towards the ensemble's window, and
-        towards its token's unless it is an admin's own (`reviewed`)."""
+    def record(self, batch, token_id: str, verdict: Verdict, *, reviewed: bool = False) -> None:
+        """Count an applied request in the group commit that applies it (`batch`): towards the ensemble's
+        window, and towards its token's unless it is an admin's own (`reviewed`)."""
         if self.policy.action == "off":
             return
-        self.registry.add_guard_usage(conn, token_id=token_id, bucket=self._bucket(), reviewed=reviewed,
-                                      records=verdict.records, units=verdict.units, spent=verdict.spent)
+        batch.add_guard_usage(token_id, bucket=self._bucket(), reviewed=reviewed, records=verdict.records,
+                              units=verdict.units, spent=verdict.spent)
 
-    def record_reviewed(self, conn, units: int) -> None:
+    def record_reviewed(self, batch, units: int) -> None:
         """Count the capacity a held request consumed when an admin applied it (reviewed: no budget)."""
         if units > 0 and self.policy.action != "off":
-            self.registry.add_guard_usage(conn, token_id="", bucket=self._bucket(), reviewed=True, records=0,
-                                          units=units, spent={})
+            batch.add_guard_usage("", bucket=self._bucket(), reviewed=True, records=0, units=units, spent={})
 
     def expire(self, conn) -> int:
         """Forget buckets that have left the window (housekeeping)."""
@@ -241,5 +240,8 @@ class CapacityGuard:
         return now_ms - now_ms % self._bucket_ms
 
     def _since(self) -> int:
-        """The oldest bucket still in the window: one whose end is less than `window_s` ago."""
-        return int(self.clock() * 1000) - int(self.policy.window_s * 1000) - self._bucket_ms + 1
+        """The start of the oldest bucket still in the window: one whose end is less than `window_s` ago.
+        On the buckets' grid, so it names the same window until the next bucket starts (a group commit
+        reads a token's window once)."""
+        oldest = int(self.clock() * 1000) - int(self.policy.window_s * 1000) - self._bucket_ms + 1
+        return -(-oldest // self._bucket_ms) * self._bucket_ms
