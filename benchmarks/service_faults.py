@@ -3,6 +3,7 @@
     python benchmarks/service_faults.py               # 100 kills (~20 minutes on 2 cores)
     python benchmarks/service_faults.py --kills 300
     python benchmarks/service_faults.py --kills 20 --database postgresql   # a private PostgreSQL server
+    python benchmarks/service_faults.py --kills 20 --guard alert           # the guard's windows written too
 
 Trains a tiny run (the embedded MiniLM cut to 2 blocks, 96 synthetic records, 2 shards x 2 slices), then
 runs tests/servicekit.py's fault-injection loop: clients send deletions with idempotency keys, the server
@@ -57,10 +58,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
                         help="the registry: SQLite in the run folder, or a private PostgreSQL server")
-    parser.add_argument("--out", type=Path, help="default: benchmarks/results/service_faults[_postgresql].json")
+    parser.add_argument("--guard", choices=["off", "alert"], default="off",
+                        help="the capacity guard: off, or alert (it judges and records every deletion, holds none)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/service_faults[_postgresql][_guard].json")
     args = parser.parse_args()
     args.out = args.out or Path("benchmarks/results/service_faults" +
-                                ("" if args.database == "sqlite" else f"_{args.database}") + ".json")
+                                ("" if args.database == "sqlite" else f"_{args.database}") +
+                                ("" if args.guard == "off" else "_guard") + ".json")
 
     import postgres
     from servicekit import fault_injection, make_token
@@ -79,12 +83,12 @@ def main() -> None:
         started = time.monotonic()
         figures = fault_injection(
             run_dir, token, kills=args.kills, seed=args.seed, ids=ids, long_every=5, short_s=(0.3, 2.0),
-            long_s=(20.0, 30.0), log=Path(tmp) / "server.log",
+            long_s=(20.0, 30.0), log=Path(tmp) / "server.log", guard=args.guard,
             progress=lambda f: print(f"kill {f.kills}: requests {f.requests}, acknowledged {f.acknowledged}, "
                                      f"lost {f.lost}, tainted {f.tainted}, orphans {f.orphans}, restorations "
                                      f"{f.restorations} ({time.monotonic() - started:.0f} s)",
                                      flush=True))
-    summary = figures.summary() | {"seed": args.seed, "database": args.database}
+    summary = figures.summary() | {"seed": args.seed, "database": args.database, "guard": args.guard}
     print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -301,7 +301,7 @@ def test_metrics_expose_counters_histograms_and_run_state(server, tokens):
     for needle in ('s3t_deletion_requests_total{outcome="applied"}', "s3t_deletion_latency_seconds_bucket",
                    "s3t_prediction_requests_total", 's3t_served_depth{shard="0"}', 's3t_shard_capacity{shard="1"}',
                    's3t_rejected_requests_total{reason="unauthenticated"}', "s3t_served_version",
-                   "s3t_restoration_running", "s3t_held_requests"):
+                   "s3t_restoration_running", "s3t_held_requests", "s3t_deletion_queue 0.0"):
         assert needle in text, needle
 
 

@@ -145,6 +145,44 @@ def test_held_requests_are_capped_counted_towards_the_quota_and_listed_in_pages(
 
 
 # -- item 10: predictions cannot starve deletions or /healthz ------------------------------------------------
+def test_a_full_deletion_queue_answers_503_and_loses_nothing_queued(trained_dir, tmp_path):
+    """The deletions waiting for a group commit are bounded (`--deletion-queue`): with the writer held, the
+    queue's two places fill, a third request gets 503 with Retry-After, and the two are applied once the
+    writer is free."""
+    from test_batch import Held
+
+    run_dir = copy_run(trained_dir, tmp_path / "run")
+    cells = by_cell(run_dir)
+    victims = [cells[cell][0] for cell in sorted(cells)[:3]]
+    token = make_token(run_dir, "delete", name="queue", rate=1e6, quota=10**6)
+    settings = ServiceSettings(worker=False, preload=False, guard=GuardPolicy(action="off"), deletion_queue=2)
+    with InProcessServer(run_dir, settings) as srv, srv.client(token) as client:
+        deletions = srv.service.system.deletions
+        held = Held(srv.service.system)
+        answers: dict[str, httpx.Response] = {}
+
+        def delete(victim: str) -> None:
+            with srv.client(token, timeout=120) as c:
+                answers[victim] = c.post("/v1/deletions", json={"ids": [victim]})
+
+        threads = [threading.Thread(target=delete, args=(v,)) for v in victims[:2]]
+        try:
+            for t in threads:
+                t.start()
+            wait_for(lambda: deletions.waiting == 2, timeout=60, what="two deletions queued")
+            full = client.post("/v1/deletions", json={"ids": [victims[2]]})
+        finally:
+            held.release()
+            for t in threads:
+                t.join(120)
+        assert full.status_code == 503 and full.json()["error"] == "BusyError", full.text
+        assert int(full.headers["Retry-After"]) >= 1
+        assert {v: r.status_code for v, r in answers.items()} == {v: 200 for v in victims[:2]}
+        assert [answers[v].json()["deleted"] for v in victims[:2]] == [[v] for v in victims[:2]]
+        again = client.post("/v1/deletions", json={"ids": [victims[2]]})
+        assert again.status_code == 200 and again.json()["deleted"] == [victims[2]], again.text
+
+
 def test_a_prediction_flood_delays_neither_deletions_nor_health(trained_dir, tmp_path, monkeypatch):
     run_dir = copy_run(trained_dir, tmp_path / "run")
     system = s3t.S3T.open(run_dir)   # records whose deletion keeps every shard live (each order 0's last slice)

@@ -43,7 +43,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 
 from . import ledger
-from .errors import RateLimitError
+from .errors import BusyError, RateLimitError
 from .registry import ALL_TOKENS, Registry
 from .unlearning import Receipt, apply
 
@@ -342,6 +342,11 @@ class Batch:
             totals[requester, day] = totals.get((requester, day), 0) + items
         for (requester, day), items in sorted(totals.items()):
             reg.add_usage(conn, requester, day, items)
+        reg.add_guard_usage(conn, *self._guard_rows())
+
+    def _guard_rows(self) -> tuple[list[dict], list[dict]]:
+        """The staged guard counts summed into rows of the guard's two tables, one per key
+        (`Registry.add_guard_usage`)."""
         usage: dict[tuple[str, int, int], list[int]] = {}
         spent: dict[tuple[str, int, int], int] = {}
         for who, bucket, reviewed, records, units, by_shard in self._guard:
@@ -353,9 +358,9 @@ class Batch:
                 for shard, n in by_shard.items():
                     if n > 0:
                         spent[who, shard, bucket] = spent.get((who, shard, bucket), 0) + n
-        reg.add_guard_usage(
-            conn, [dict(token_id=w, bucket=b, reviewed=r, records=n, units=u) for (w, b, r), (n, u) in sorted(usage.items())],
-            [dict(token_id=w, shard=m, bucket=b, units=u) for (w, m, b), u in sorted(spent.items())])
+        return ([dict(token_id=w, bucket=b, reviewed=r, records=n, units=u)
+                 for (w, b, r), (n, u) in sorted(usage.items())],
+                [dict(token_id=w, shard=m, bucket=b, units=u) for (w, m, b), u in sorted(spent.items())])
 
     # -- savepoints ----------------------------------------------------------------------------------
     def _mark(self) -> tuple[int, ...]:
@@ -469,9 +474,10 @@ class DeletionQueue:
     def __init__(self, registry: Registry, key: bytes, *,
                  erase_derived: Callable[[list[str]], AbstractContextManager] = lambda ids: nullcontext(),
                  after_commit: Callable[[list[Receipt]], None] = lambda receipts: None,
-                 max_batch: int = MAX_BATCH, signing_key=None) -> None:
+                 max_batch: int = MAX_BATCH, max_queued: int | None = None, signing_key=None) -> None:
         self.registry, self._key, self.signing_key = registry, key, signing_key
         self.erase_derived, self.after_commit, self.max_batch = erase_derived, after_commit, max_batch
+        self.max_queued = max_queued   # requests waiting for the writer; beyond, BusyError (None: no bound)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -486,16 +492,25 @@ class DeletionQueue:
         `tokens` (record ids, idempotency keys, service tokens the work will look up) are read for the
         whole batch at once (`Batch.prefetch`), and `rate`, the (key, rate, burst) of the registry rate
         bucket the work takes one request from (`Batch.take_rate`), is spent for the whole batch at once
-        (`Batch.reserve_rates`); they are hints, never required."""
+        (`Batch.reserve_rates`); they are hints, never required. BusyError if `max_queued` requests are
+        waiting already."""
         request = _Request(work, (ids, keys, tokens), rate)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this deletion queue is closed (its S3T was closed)")
+            if self.max_queued is not None and self.waiting >= self.max_queued:
+                raise BusyError(f"{self.waiting} deletion requests are waiting for the next group commit (at most "
+                                f"{self.max_queued} may); retry in 1 s", retry_after=1.0)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="s3t-deletions", daemon=True)
                 self._thread.start()
             self._queue.put(request)
         return request.future
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet taken by the writer."""
+        return self._queue.qsize()
 
     def close(self, timeout: float = 60.0) -> None:
         """Apply what is queued, then stop the writer thread."""

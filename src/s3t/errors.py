@@ -112,7 +112,8 @@ class RateLimitError(S3TError):
 
 
 class BusyError(S3TError):
-    """The service's prediction queue is full; retry after `retry_after` seconds."""
+    """A queue is full (the service's predictions, or the run's deletions waiting for a group commit);
+    retry after `retry_after` seconds."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -75,6 +75,7 @@ class Service:
         self.settings = settings or ServiceSettings()
         self.system = S3T.open(run_dir)
         self.system.deletions.max_batch = self.settings.max_batch
+        self.system.deletions.max_queued = self.settings.deletion_queue
         registry = self.system.registry
         self.model_lock = threading.Lock()
         # Replicas share a PostgreSQL registry: their rate limits must too. A SQLite run has one server.
@@ -530,4 +531,5 @@ class Service:
     def _state(self) -> dict:
         return {"status": self.system.status(), "pending_holds": review.pending(self.system),
                 "restoring": self.worker is not None and self.worker.state == "running",
-                "batches": self.system.deletions.batches, "batched": self.system.deletions.applied}
+                "batches": self.system.deletions.batches, "batched": self.system.deletions.applied,
+                "queued": self.system.deletions.waiting}

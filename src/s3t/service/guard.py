@@ -6,9 +6,9 @@ service share every token's budget),
 in memory on SQLite (`RateLimiter`: a SQLite run is served by one process; a restart refills them).
 Quotas count the deletion items (ids + subjects) per token per UTC day in the registry, in the same
 transaction as the deletion (or the hold) they count, so they are exact across crashes, restarts and
-replicas. The capacity guard implements `GuardPolicy`; its windows are registry tables written in the
-deletion's transaction (replicas share them, and a request in a group commit is judged with the ones
-ahead of it counted), read per request by index for the request's token and hit shards only.
+replicas. The capacity guard implements `GuardPolicy`; its windows are registry tables written by the
+deletion's group commit (replicas share them), read by index once per group commit and token, with the
+batch's own requests laid over them: a request is judged with the ones ahead of it counted.
 
 Why two measures of consumption: a shard drops out of the ensemble when every live order has lost its
 first slice, and the whole model is gone when every shard has. Random deletions spread over shards and
@@ -131,10 +131,10 @@ class CapacityGuard:
     requests consumed of each shard and how many records they deleted (the ratio check); for the
     ensemble, every applied request's units, marked reviewed (an admin's) or not (the budgets count only
     unreviewed ones; all count towards the capacity at the window's start). Judging a request reads its
-    token's buckets and its hit shards' (indexed), the ensemble's capacity (one row per shard) and the
-    random-deletion baseline, which needs the live counts per cell and every order's first slice: it is
-    refreshed at most every `BASELINE_TTL_S` seconds, plenty for a rate judged over minutes. Nothing per
-    request grows with the number of records.
+    token's buckets (indexed; once per group commit, `Batch.guard_window`), the ensemble's capacity (one
+    row per shard) and the random-deletion baseline, which needs the live counts per cell and every
+    order's first slice: it is refreshed at most every `BASELINE_TTL_S` seconds, plenty for a rate judged
+    over minutes. Nothing per request grows with the number of records.
     """
 
     BASELINE_TTL_S = 5.0

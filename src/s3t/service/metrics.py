@@ -21,7 +21,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class _RunState(Collector):
-    """Gauges computed at scrape time from `state()`: {status, pending_holds, restoring}."""
+    """Gauges computed at scrape time from `state()`: {status, pending_holds, restoring, batches, batched, queued}."""
 
     def __init__(self, state: Callable[[], dict]) -> None:
         self.state = state
@@ -32,6 +32,8 @@ class _RunState(Collector):
                                   value=state["batches"])
         yield CounterMetricFamily("s3t_deletion_batched_requests", "Deletion requests and review decisions "
                                   "applied by those group commits", value=state["batched"])
+        yield GaugeMetricFamily("s3t_deletion_queue", "Deletion requests waiting for the next group commit",
+                                value=state["queued"])
         status = state["status"]
         depth = GaugeMetricFamily("s3t_served_depth", "Layer groups in use by each shard's served model "
                                   "(0: out of the ensemble)", labels=["shard"])

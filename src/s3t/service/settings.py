@@ -70,6 +70,7 @@ class ServiceSettings:
     idempotency_ttl_s: float = 30 * 86400.0   # idempotency keys expire after this (30 days); then a repeat is new
     prediction_queue: int = 64         # predictions waiting for or using the model; beyond, 503 + Retry-After
     max_batch: int = 256               # deletion requests applied per transaction (1: a commit per request)
+    deletion_queue: int = 10_000       # deletion requests waiting for a group commit; beyond, 503 + Retry-After
     max_image_bytes: int = 1 << 20     # per image sent to /v1/predict/images, once decoded from base64; beyond, 422
     max_image_pixels: int = 2048 * 2048   # per image (width x height, read from its header before decoding); 422
     rate_limit_keys: int = 100_000     # rate-limit buckets kept (least recently used dropped beyond)
@@ -89,7 +90,7 @@ class ServiceSettings:
         _positive("`restore_poll_s`", self.restore_poll_s)
         _positive("`idempotency_ttl_s`", self.idempotency_ttl_s)
         for name in ("burst", "daily_quota", "max_held", "prediction_queue", "rate_limit_keys", "max_batch",
-                     "max_image_bytes", "max_image_pixels"):
+                     "deletion_queue", "max_image_bytes", "max_image_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PlanError(f"`{name}` must be an integer >= 1; got {value!r}")
