@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import create_engine, event, func, insert, select
 
 import s3t
 from conftest import copy_run
@@ -91,6 +91,28 @@ def test_the_per_shard_ratio_counts_what_the_requests_ahead_in_the_batch_consume
         finally:
             service.close()
     assert got[True] == got[False] == ["applied", "held", "applied"]
+
+
+def test_a_subject_request_reads_its_records_lineage_once_not_once_per_record(trained_dir, tmp_path, tiny_data):
+    """A subject's records are found in the request (not prefetched by id); the guard's preview and the
+    deletion then ask which stages saw them: one lineage read for all of them, under the write lock."""
+    service = service_for(copy_run(trained_dir, tmp_path / "run"),
+                          guard=GuardPolicy(action="alert", protect_last_order=False))
+    lineage_reads = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "FROM lineage" in statement:
+            lineage_reads.append(statement)
+
+    subject = tiny_data[0].subject
+    try:
+        event.listen(service.system.registry.engine, "before_cursor_execute", count)
+        receipt = service.delete(token(service, "eraser"), subjects=[subject]).receipt
+    finally:
+        event.remove(service.system.registry.engine, "before_cursor_execute", count)
+        service.close()
+    assert len(receipt.deleted) == sum(r.subject == subject for r in tiny_data) > 1
+    assert len(lineage_reads) == 1, lineage_reads
 
 
 def test_a_quota_counts_the_requests_ahead_in_the_batch_but_not_one_rolled_back(trained_dir, tmp_path):

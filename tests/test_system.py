@@ -359,8 +359,6 @@ def test_deleted_content_does_not_survive_in_the_registry_file(trained, tiny_dat
     (dict(subjects="user-1"), r"`subjects` must be a list"),
     (dict(ids=[""]), r"`ids` must be a list of non-empty strings"),
     (dict(ids=[1]), r"`ids` must be a list of non-empty strings"),
-    (dict(ids=["syn-1\x00"]), r"`ids` must not hold NUL"),
-    (dict(subjects=["\x00"]), r"`subjects` must not hold NUL"),
     (dict(ids=["syn-1"], reference="ticket\x00"), r"`reference` must be a string without NUL"),
     (dict(ids=["syn-1"], idempotency_key="k\x00"), r"`idempotency_key` must be a string without NUL"),
 ])

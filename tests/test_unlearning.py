@@ -205,9 +205,10 @@ def test_a_failed_shred_after_commit_does_not_fail_the_deletion(trained, tiny_da
 
 
 @pytest.mark.both_databases
-def test_an_older_runs_lineage_index_gives_way_to_the_covering_one_on_open(trained_case, no_training):
+def test_an_older_runs_lineage_gains_the_covering_index_on_open(trained_case, no_training):
     """The deletion path's lineage lookup reads an index on (record_id, artifact) alone. A run made before it
-    had one on record_id only: opening it builds the new index and drops the old, and deletions go on."""
+    had one on record_id only: opening it adds the new index (the old one stays: a replica still on the
+    older version would build it again), and deletions go on."""
     trained, tiny_data = trained_case
     with trained.registry.engine.begin() as conn:
         conn.exec_driver_sql("DROP INDEX ix_lineage_record_artifact")
@@ -216,8 +217,54 @@ def test_an_older_runs_lineage_index_gives_way_to_the_covering_one_on_open(train
     reopened = s3t.S3T.open(trained.run_dir)
     try:
         names = {index["name"] for index in inspect(reopened.registry.engine).get_indexes("lineage")}
-        assert "ix_lineage_record_artifact" in names and "ix_lineage_record_id" not in names, names
+        assert {"ix_lineage_record_artifact", "ix_lineage_record_id"} <= names, names
         victim = tiny_data[2]
         assert reopened.delete(ids=[victim.id]).deleted == (victim.id,)
     finally:
         reopened.close()
+
+
+@pytest.mark.both_databases
+def test_a_subject_with_a_nul_character_is_deleted_like_any_other(trained):
+    """Subjects are kept only as keyed digests, so one holding a NUL is stored on either database, and its
+    deletion is not refused."""
+    trained.add(s3t.Dataset([s3t.Record(id="nul-subject", text="x", label="label-0", subject="user\x00evil")]))
+    assert trained.delete(subjects=["user\x00evil"]).deleted == ("nul-subject",)
+
+
+def test_a_role_that_may_not_change_the_tables_opens_an_older_run_without_the_new_index(postgres_url, tmp_path,
+                                                                                     caplog):
+    """Only a table's owner may index it on PostgreSQL: a service role granted reads and writes alone opens
+    an older run all the same, with a warning, and its deletions use the older index meanwhile."""
+    import postgres
+    from sqlalchemy.engine import make_url
+
+    from s3t.keystore import KeyStore
+    from s3t.registry import Registry
+
+    schema = postgres.new_schema(postgres_url)
+    role = f"writer_{schema[-12:]}"
+    owner = Registry(postgres_url, KeyStore.create(tmp_path / "owner.keys"), schema=schema)
+    try:
+        owner.create_schema()
+        with owner.engine.begin() as conn:   # as a run made before the index: only the owner may add it
+            conn.exec_driver_sql("DROP INDEX ix_lineage_record_artifact")
+            conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+            conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+            conn.exec_driver_sql(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+        writer = Registry(make_url(postgres_url).set(username=role).render_as_string(hide_password=False),
+                          KeyStore.create(tmp_path / "writer.keys"), schema=schema)
+        try:
+            with caplog.at_level("WARNING", logger="s3t.registry"):
+                writer.create_schema()
+            assert "ix_lineage_record_artifact could not be added to table lineage" in caplog.text, caplog.text
+            with writer.engine.connect() as conn:
+                assert writer.saw(conn, ["any-id"]) == {"any-id": {}}   # the run is usable
+        finally:
+            writer.close()
+    finally:
+        with owner.engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
+        owner.close()
+        postgres.drop_schema(postgres_url, schema)

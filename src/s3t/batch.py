@@ -233,8 +233,10 @@ class Batch:
     def seen(self, record_ids: Sequence[str]) -> set[str]:
         """The ids among these that some registered artifact saw (`Registry.seen`; stages retired in this
         batch no longer count, as they would not in a transaction of its own)."""
-        return {rid for rid, registered in ((rid, self.saw([rid])) for rid in record_ids)
-                if any(registered.values())}
+        self.saw(record_ids)   # one read for the ids not cached yet
+        return {rid for rid in record_ids
+                if any(registered and artifact not in self._retired
+                       for artifact, registered in self._lineage[rid].items())}
 
     def usage(self, requester: str, day: str) -> int:
         """A requester's usage of `day`, with this batch's requests counted."""

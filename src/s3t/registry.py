@@ -26,6 +26,7 @@ gives session-scoped advisory locks for longer work (one trainer per run, across
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import zlib
@@ -39,12 +40,15 @@ from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, 
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from .errors import RunError
 from .keystore import KeyStore, aad, seal, unseal
 
 __all__ = ["Registry", "AdvisoryLock", "check_schema_name", "utcnow"]
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 60.0   # how long a connection waits for SQLite's lock before "database is locked"
 
@@ -238,7 +242,6 @@ USAGE = select(token_usage.c.used).where(token_usage.c.token_id == bindparam("to
 SERVED = select(served_sets).order_by(served_sets.c.version.desc()).limit(1)
 LEDGER_HEAD_ROW = (select(ledger.c.seq, ledger.c.entry_hash).where(ledger.c.seq.is_not(None))
                    .order_by(ledger.c.seq.desc()).limit(1))
-OBSOLETE_INDEXES = ("ix_lineage_record_id",)   # older runs' indexes that a newer one covers
 
 
 PG_WRITE_LOCK = 0x53335457   # "S3TW": the advisory lock class that serialises writers on PostgreSQL
@@ -277,6 +280,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def _sqlite_begin(conn: Connection) -> None:
     # Writers lock up front: two read-then-write transactions never deadlock on a lock upgrade.
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("s3t_write") else "BEGIN")
+
+
+def _create_index(conn: Connection, index: Index) -> None:
+    """Add an index that an older run lacks. An index only speeds reads up, so a database role that may not
+    change the table (on PostgreSQL, only its owner may) opens the run without it, with a warning."""
+    try:
+        with conn.begin_nested():
+            index.create(conn, checkfirst=True)
+    except DBAPIError as exc:
+        log.warning("index %s could not be added to table %s (%s): the reads it serves stay slower until the "
+                    "run is opened by a role that may change the table", index.name, index.table.name,
+                    str(exc.orig).strip().splitlines()[0])
 
 
 def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
@@ -428,9 +443,7 @@ class Registry:
                         ddl = column.type.compile(dialect=conn.dialect)
                         conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl}')
                 for index in table.indexes:
-                    index.create(conn, checkfirst=True)
-            for name in OBSOLETE_INDEXES:   # superseded by a wider index above
-                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+                    _create_index(conn, index)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -632,10 +632,16 @@ class S3T:
         threads at once are applied together in one transaction (`deletions`), each with its own receipt.
         """
         _check_request(ids, subjects)
+        # Stored as text in the ledger: PostgreSQL refuses NUL there (its driver would raise). Ids and
+        # subjects are looked up, not stored anew (subjects only as keyed digests), so a SQLite run's
+        # stored id with a NUL stays deletable; on PostgreSQL no stored id can hold one.
         for name, value in (("reference", reference), ("idempotency_key", idempotency_key),
                             ("requested_by", requested_by)):
             if value is not None and (not isinstance(value, str) or "\x00" in value):
                 raise DataError(f"`{name}` must be a string without NUL characters; got {value!r:.80}")
+        if self.registry.postgres and any("\x00" in i for i in ids):
+            raise DataError("`ids` hold a NUL character (\\x00), which no record id of a PostgreSQL-backed run "
+                            "can hold")
         ids, subjects = list(ids), list(subjects)
         return self.deletions.submit(lambda batch: batch.delete(
             ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
@@ -846,8 +852,6 @@ def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
     for name, values in (("ids", ids), ("subjects", subjects)):
         if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
             raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
-        if any("\x00" in v for v in values):   # the registry stores them as text: PostgreSQL refuses NUL
-            raise DataError(f"`{name}` must not hold NUL characters (\\x00); got {values!r:.200}")
     if not ids and not subjects:
         raise DataError("a deletion needs at least one id or subject")
 
