@@ -291,7 +291,7 @@ def _create_index(conn: Connection, index: Index) -> None:
     except DBAPIError as exc:
         log.warning("index %s could not be added to table %s (%s): the reads it serves stay slower until the "
                     "run is opened by a role that may change the table", index.name, index.table.name,
-                    str(exc.orig).strip().splitlines()[0])
+                    (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0])
 
 
 def _chunks(values: Sequence, size: int = 900) -> Iterator[Sequence]:
