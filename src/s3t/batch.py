@@ -252,16 +252,15 @@ class Batch:
             self._windows[token_id, since] = self.registry.guard_window(self.conn, token_id, since=since)
         stored_usage, stored_spent = self._windows[token_id, since]
         usage, spent = dict(stored_usage), dict(stored_spent)
-        for who, bucket, reviewed, records, units, by_shard in self._guard:
-            if bucket < since:
-                continue
-            for key in [(ALL_TOKENS, reviewed)] + ([(who, reviewed)] if who == token_id else []):
-                r, u = usage.get(key, (0, 0))
-                usage[key] = (r + records, u + units)
-            if who == token_id and not reviewed:
-                for shard, n in by_shard.items():
-                    if n > 0:
-                        spent[shard] = spent.get(shard, 0) + n
+        staged_usage, staged_spent = self._guard_rows()
+        for row in staged_usage:
+            if row["bucket"] >= since and row["token_id"] in (token_id, ALL_TOKENS):
+                key = (row["token_id"], bool(row["reviewed"]))
+                records, units = usage.get(key, (0, 0))
+                usage[key] = (records + row["records"], units + row["units"])
+        for row in staged_spent:
+            if row["bucket"] >= since and row["token_id"] == token_id:
+                spent[row["shard"]] = spent.get(row["shard"], 0) + row["units"]
         return usage, spent
 
     def add_guard_usage(self, token_id: str, *, bucket: int, reviewed: bool, records: int, units: int,

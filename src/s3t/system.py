@@ -631,17 +631,12 @@ class S3T:
         the same key raises ConflictError); `requested_by` is recorded in the receipt. Calls from several
         threads at once are applied together in one transaction (`deletions`), each with its own receipt.
         """
-        _check_request(ids, subjects)
-        # Stored as text in the ledger: PostgreSQL refuses NUL there (its driver would raise). Ids and
-        # subjects are looked up, not stored anew (subjects only as keyed digests), so a SQLite run's
-        # stored id with a NUL stays deletable; on PostgreSQL no stored id can hold one.
+        _check_request(ids, subjects, postgres=self.registry.postgres)
+        # Stored as text in the ledger and the idempotency table: PostgreSQL refuses NUL there.
         for name, value in (("reference", reference), ("idempotency_key", idempotency_key),
                             ("requested_by", requested_by)):
             if value is not None and (not isinstance(value, str) or "\x00" in value):
                 raise DataError(f"`{name}` must be a string without NUL characters; got {value!r:.80}")
-        if self.registry.postgres and any("\x00" in i for i in ids):
-            raise DataError("`ids` hold a NUL character (\\x00), which no record id of a PostgreSQL-backed run "
-                            "can hold")
         ids, subjects = list(ids), list(subjects)
         return self.deletions.submit(lambda batch: batch.delete(
             ids=ids, subjects=subjects, reference=reference, idempotency_key=idempotency_key,
@@ -696,7 +691,7 @@ class S3T:
     def preview_delete(self, *, ids: Sequence[str] = (), subjects: Sequence[str] = (), batch=None) -> dict:
         """What `delete` would do to each shard's served depth and capacity, without deleting anything
         (read in `batch`'s transaction if given: a group commit's, with the requests before it applied)."""
-        _check_request(ids, subjects)
+        _check_request(ids, subjects, postgres=self.registry.postgres)
         return preview(self.registry, self._ledger_key(), ids=ids, subjects=subjects, batch=batch)
 
     def receipt(self, request_id: str) -> Receipt:
@@ -848,10 +843,14 @@ def _resolve(plan: Plan, data: Dataset, family) -> Plan:
     return plan
 
 
-def _check_request(ids: Sequence[str], subjects: Sequence[str]) -> None:
+def _check_request(ids: Sequence[str], subjects: Sequence[str], *, postgres: bool) -> None:
     for name, values in (("ids", ids), ("subjects", subjects)):
         if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
             raise DataError(f"`{name}` must be a list of non-empty strings; got {values!r}")
+    # Ids are looked up as text: on PostgreSQL, which stores no NUL, no record's id holds one (a SQLite run's
+    # may, and stays deletable). Subjects are only ever compared as keyed digests.
+    if postgres and any("\x00" in i for i in ids):
+        raise DataError("`ids` hold a NUL character (\\x00), which no record id of a PostgreSQL-backed run can hold")
     if not ids and not subjects:
         raise DataError("a deletion needs at least one id or subject")
 
